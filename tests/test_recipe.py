@@ -1,0 +1,55 @@
+import pytest
+
+from vepatch.errors import UsageError
+from vepatch.recipe import Recipe, dump_recipe, load_recipe, with_overrides
+
+
+def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("apply:\n  shots: 4\n  lr: 0.01\ndiagnose:\n  heads_per_layer: 3\n")
+    recipe = load_recipe(path)
+    assert recipe.apply.shots == 4 and recipe.apply.lr == 0.01
+    assert recipe.apply.epochs == Recipe().apply.epochs  # untouched keys keep defaults
+    flagged = with_overrides(recipe, {"apply.shots": 16, "apply.lr": None, "diagnose.heads_per_layer": None})
+    assert flagged.apply.shots == 16  # a flag wins
+    assert flagged.apply.lr == 0.01  # an unset flag (None) never overrides
+    assert flagged.diagnose.heads_per_layer == 3
+
+
+def test_unknown_key_is_an_error_with_did_you_mean(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("apply:\n  shtos: 4\n")
+    with pytest.raises(UsageError) as info:
+        load_recipe(path)
+    assert "unknown key 'shtos'" in str(info.value) and "did you mean 'shots'" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("text,where", [
+    ("apply:\n  shots: many\n", "apply.shots"),
+    ("apply:\n  lr: [1]\n", "apply.lr"),
+    ("classes: nominal\n", "classes"),
+    ("guard:\n  suites:\n    - name: x\n", "guard.suites[0]"),
+])
+def test_wrong_types_and_missing_keys_name_the_place(tmp_path, text, where):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError) as info:
+        load_recipe(path)
+    assert where in str(info.value)
+
+
+def test_recipe_round_trips_through_yaml(tmp_path):
+    recipe = with_overrides(Recipe(classes=["a", "b"]), {"apply.rank": 4})
+    path = tmp_path / "r.yaml"
+    path.write_text(dump_recipe(recipe))
+    assert load_recipe(path) == recipe
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("apply: [\n")
+    with pytest.raises(UsageError, match="not valid YAML"):
+        load_recipe(path)
+    with pytest.raises(UsageError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")

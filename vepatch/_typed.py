@@ -1,0 +1,110 @@
+"""Dataclass <-> plain-data conversion with type checks: the one mechanism behind the
+recipe loader (strict: unknown keys are errors with a did-you-mean) and the records
+(JSON files the store writes and reads back)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Union
+
+from .errors import UsageError
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass tree as JSON-ready lists, dicts and scalars (tuples become lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def from_plain(cls: type, data: Any, where: str = "", *, strict: bool = True) -> Any:
+    """Build dataclass `cls` from plain data, checking keys and types.
+
+    `where` names the place for error messages ("vepatch.yaml: apply"). With
+    `strict=False`, unknown keys are dropped (records written by newer versions).
+    """
+    return _coerce(data, cls, where or cls.__name__, strict)
+
+
+def _coerce(value: Any, tp: Any, where: str, strict: bool) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where, strict)
+            except UsageError as exc:
+                errors.append(exc)
+        raise errors[0] if errors else _type_error(where, tp, value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise _type_error(where, "a mapping", value)
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp) if f.init]
+        kwargs = {}
+        for key, item in value.items():
+            if key not in names:
+                if not strict:
+                    continue
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(names)}"
+                raise UsageError(f"{where}: unknown key '{key}'", hint)
+            kwargs[key] = _coerce(item, hints[key], f"{where}.{key}", strict)
+        try:
+            return tp(**kwargs)
+        except TypeError as exc:  # a required field is missing
+            raise UsageError(f"{where}: {exc}", "add the missing key") from None
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(where, "a list", value)
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{where}[{i}]", strict) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(where, "a mapping", value)
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        return {
+            _coerce(k, key_tp, where, strict): _coerce(v, val_tp, f"{where}.{k}", strict)
+            for k, v in value.items()
+        }
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _type_error(where, "a number", value)
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(where, "a whole number", value)
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _type_error(where, "true or false", value)
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise _type_error(where, "a string", value)
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise _type_error(where, tp.__name__, value)
+    return value
+
+
+def _type_error(where: str, expected: Any, value: Any) -> UsageError:
+    expected = expected if isinstance(expected, str) else getattr(expected, "__name__", str(expected))
+    return UsageError(f"{where}: expected {expected}, got {value!r}", "fix the value's type")

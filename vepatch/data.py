@@ -1,0 +1,285 @@
+"""Labelled image sets: image folders and `datasets` saved to disk, bad-file handling,
+seeded k-shot sampling with a disjoint holdout, and a torch Dataset over them."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import DataError, UsageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+MAX_PIXELS = 64_000_000  # larger images are refused as decompression bombs
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is skipped, never half-read
+DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+class BadImage(Exception):
+    """A file that cannot be read as an image; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    source: str  # file path, or '<dataset dir>#<row>' for `datasets` rows
+    label: int  # index into the set's classnames
+
+
+@dataclass(frozen=True)
+class Skipped:
+    source: str
+    reason: str
+
+
+@dataclass
+class ImageSet:
+    """A labelled set: what was readable (`samples`) and what was not (`skipped`)."""
+
+    name: str
+    root: str
+    classnames: list[str]
+    samples: list[Sample]
+    skipped: list[Skipped] = field(default_factory=list)
+    dataset: Any = None  # the `datasets.Dataset` behind '#row' sources, if any
+    image_column: str = "image"
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> "ImageSet":
+        return ImageSet(
+            name or self.name, self.root, self.classnames, [self.samples[i] for i in indices],
+            [], self.dataset, self.image_column,
+        )
+
+    def load(self, sample: Sample) -> Image.Image:
+        if self.dataset is not None and "#" in sample.source:
+            row = int(sample.source.rsplit("#", 1)[1])
+            return to_rgb(self.dataset[row][self.image_column])
+        return read_image(Path(sample.source))
+
+    def content_hash(self) -> str:
+        """Hash of the sources and labels: records which data a patch or verdict used."""
+        digest = hashlib.sha256()
+        for s in self.samples:
+            digest.update(f"{s.source}\t{s.label}\n".encode())
+        return digest.hexdigest()
+
+
+# --- reading one image --------------------------------------------------------------------
+
+
+def read_image(path: Path) -> Image.Image:
+    """Decode a file to 8-bit RGB, converting what can be converted; BadImage otherwise."""
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage("empty file (0 bytes)")
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise BadImage(f"decompression bomb ({w}x{h} pixels, limit {MAX_PIXELS})")
+            img.load()
+            return to_rgb(img)
+    except BadImage:
+        raise
+    except Image.DecompressionBombError:
+        raise BadImage("decompression bomb (too many pixels)") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image PIL can read") from None
+    except OSError as exc:
+        raise BadImage(f"unreadable image ({str(exc).strip() or type(exc).__name__})") from None
+    except (ValueError, SyntaxError) as exc:
+        raise BadImage(f"corrupt image ({exc})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: 16-bit and float scaled to 8 bits, alpha over white, CMYK converted."""
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or (arr.max(initial=0) > 255 and img.mode == "I") else 255.0
+        if img.mode == "F":
+            lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+            arr, top = arr - lo, max(hi - lo, 1e-12)
+        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+# --- opening a set ------------------------------------------------------------------------
+
+
+def resolve_path(path: str, base: Path | None = None) -> Path:
+    """A recipe path: 'pkg:MODULE/sub/dir' inside an installed package, else relative to `base`."""
+    if path.startswith("pkg:"):
+        module, _, rest = path[4:].partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise UsageError(f"{path}: package '{module}' is not installed", f"pip install {module.replace('_', '-')}")
+        return Path(list(spec.submodule_search_locations)[0]) / rest
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or base is None else base / p
+
+
+def folder_to_name(folder: str) -> str:
+    return folder.replace("_", " ").strip()
+
+
+def _name_key(name: str) -> str:
+    return folder_to_name(name).lower()
+
+
+def open_image_set(
+    root: Path,
+    classnames: Sequence[str] | None = None,
+    folders: dict[str, str] | None = None,
+    name: str = "",
+    max_per_class: int = 0,
+    seed: int = 0,
+) -> ImageSet:
+    """Open a labelled set. With `classnames`, folders map onto them (by `folders`, or by name
+    with '_' read as a space, case-insensitive); without, the folders are the classes."""
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder", "give a folder of <class>/ subfolders or a saved `datasets` dataset")
+    name = name or root.name
+    if any((root / m).is_file() for m in DATASET_MARKERS):
+        image_set = _open_saved_dataset(root, classnames, name)
+    else:
+        image_set = _open_folder(root, classnames, folders or {}, name)
+    if max_per_class:
+        image_set = _cap_per_class(image_set, max_per_class, seed)
+    if not image_set.samples:
+        raise DataError(
+            f"{root}: no readable image" + (f" ({len(image_set.skipped)} skipped)" if image_set.skipped else ""),
+            "put images in <class>/ subfolders (jpg, png, ...)",
+        )
+    return image_set
+
+
+def _open_folder(root: Path, classnames, folders: dict[str, str], name: str) -> ImageSet:
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        raise DataError(f"{root}: no class folders", "images go in <root>/<class name>/*.jpg")
+    if classnames is None:
+        listed = root / "classnames.txt"
+        lines = [ln.strip() for ln in listed.read_text().splitlines() if ln.strip()] if listed.is_file() else []
+        if lines and len(lines) == len(subdirs):
+            classnames = lines  # CLIP_benchmark style: display names in folder order
+            folders = {d.name: lines[i] for i, d in enumerate(subdirs)}
+        else:
+            classnames = [folders.get(d.name, folder_to_name(d.name)) for d in subdirs]
+    classnames = list(classnames)
+    index = {_name_key(c): i for i, c in enumerate(classnames)}
+    root_real = root.resolve()
+    samples, skipped = [], []
+    for d in subdirs:
+        target = folders.get(d.name, d.name)
+        label = index.get(_name_key(target))
+        if label is None:
+            raise DataError(
+                f"{d}: unknown class '{d.name}'",
+                f"known classes: {', '.join(classnames)} (rename the folder or map it in the recipe's folders)",
+            )
+        for f in sorted(d.rglob("*")):
+            if f.is_dir() or f.name.startswith("."):
+                continue
+            if not f.resolve().is_relative_to(root_real):
+                skipped.append(Skipped(str(f), "symlink leading outside the set's folder"))
+                continue
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append(Skipped(str(f), f"not an image file ('{f.suffix or f.name}')"))
+                continue
+            try:
+                read_image(f)
+            except BadImage as exc:
+                skipped.append(Skipped(str(f), str(exc)))
+                continue
+            samples.append(Sample(str(f), label))
+    return ImageSet(name, str(root), classnames, samples, skipped)
+
+
+def _open_saved_dataset(root: Path, classnames, name: str) -> ImageSet:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(root))
+    except Exception as exc:
+        raise DataError(f"{root}: not a readable saved dataset ({exc})", "re-save it with Dataset.save_to_disk") from None
+    if isinstance(ds, datasets.DatasetDict):
+        split = next((s for s in ("test", "validation", "train") if s in ds), next(iter(ds)))
+        ds = ds[split]
+    image_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.Image)), None)
+    label_col = next((k for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
+    if image_col is None or label_col is None:
+        raise DataError(f"{root}: needs an Image column and a ClassLabel column", "cast the columns with datasets' features")
+    own = [folder_to_name(n) for n in ds.features[label_col].names]
+    classnames = list(classnames) if classnames is not None else own
+    index = {_name_key(c): i for i, c in enumerate(classnames)}
+    remap = []
+    for n in own:
+        if _name_key(n) not in index:
+            raise DataError(f"{root}: unknown class '{n}'", f"known classes: {', '.join(classnames)}")
+        remap.append(index[_name_key(n)])
+    labels = ds[label_col]
+    samples = [Sample(f"{root}#{i}", remap[y]) for i, y in enumerate(labels)]
+    return ImageSet(name, str(root), classnames, samples, [], ds, image_col)
+
+
+def _cap_per_class(image_set: ImageSet, cap: int, seed: int) -> ImageSet:
+    rng = random.Random(seed)
+    keep: list[int] = []
+    for label in range(len(image_set.classnames)):
+        idx = [i for i, s in enumerate(image_set.samples) if s.label == label]
+        keep += sorted(rng.sample(idx, min(cap, len(idx))))
+    capped = image_set.subset(sorted(keep))
+    capped.skipped = image_set.skipped
+    return capped
+
+
+# --- shots and holdout --------------------------------------------------------------------
+
+
+def split_shots(
+    image_set: ImageSet, shots: int, seed: int, holdout_per_class: int = 0
+) -> tuple[list[int], list[int]]:
+    """Seeded k-shot sample per class and a disjoint holdout (the rest, or `holdout_per_class`)."""
+    rng = random.Random(seed)
+    train, holdout = [], []
+    for label in range(len(image_set.classnames)):
+        idx = [i for i, s in enumerate(image_set.samples) if s.label == label]
+        rng.shuffle(idx)
+        train += idx[:shots]
+        rest = idx[shots:]
+        holdout += rest[:holdout_per_class] if holdout_per_class else rest
+    return sorted(train), sorted(holdout)
+
+
+class TorchImages:
+    """A torch-style Dataset: (preprocessed image tensor, label)."""
+
+    def __init__(self, image_set: ImageSet, preprocess):
+        self.image_set = image_set
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.image_set)
+
+    def __getitem__(self, i: int):
+        sample = self.image_set.samples[i]
+        return self.preprocess(self.image_set.load(sample)), sample.label

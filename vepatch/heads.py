@@ -1,0 +1,70 @@
+"""Zero-shot heads: class names x templates -> normalized text embeddings, cached on disk.
+
+The text tower never changes, so a head is computed once per (model fingerprint, names,
+templates) and kept as safetensors under the user cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .models import LoadedModel, text_fingerprint
+from .paths import user_cache_dir
+
+
+def normalize_templates(templates: Sequence[str]) -> list[str]:
+    """Accept open_clip's '{}' and CLIP_benchmark's '{c}' placeholders."""
+    out = [t.replace("{c}", "{}") for t in templates]
+    return [t if "{}" in t else t + " {}" for t in out]
+
+
+def text_head(loaded: LoadedModel, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """(num_classes, dim) normalized class embeddings, averaged over templates."""
+    templates = normalize_templates(templates)
+    key = _head_key(text_fingerprint(loaded.model), classnames, templates)
+    path = user_cache_dir() / "heads" / f"{key}.safetensors"
+    if path.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))["head"]
+        except Exception:  # a damaged cache entry is rebuilt, never trusted
+            pass
+    head = compute_text_head(loaded, classnames, templates)
+    _save_atomic(path, head)
+    return head
+
+
+def compute_text_head(loaded: LoadedModel, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    from open_clip import build_zero_shot_classifier
+
+    device = next(loaded.model.parameters()).device
+    with torch.no_grad():
+        weights = build_zero_shot_classifier(
+            loaded.model, loaded.tokenizer, list(classnames), normalize_templates(templates), device=device
+        )
+    return weights.T.contiguous().float().cpu()
+
+
+def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
+    """All prompts per class, for the contrastive loss's random template choice."""
+    return [[t.format(c) for t in normalize_templates(templates)] for c in classnames]
+
+
+def _head_key(*parts) -> str:
+    return hashlib.sha256(json.dumps([list(p) if not isinstance(p, str) else p for p in parts]).encode()).hexdigest()[:32]
+
+
+def _save_atomic(path: Path, head: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"head": head}, str(tmp))
+    os.replace(tmp, path)

@@ -1,0 +1,130 @@
+"""The recipe: every default vepatch uses lives here, one comment per field.
+
+Precedence: command-line flags > the workspace's vepatch.yaml > these defaults. A flag
+left unset (None) never overrides anything (see `with_overrides`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ._typed import from_plain, to_plain
+from .errors import UsageError
+
+RECIPE_FILE = "vepatch.yaml"
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    ref: str = "default"  # 'default' (embedded), 'local-dir:PATH', 'hf-hub:ORG/NAME' (cached only), or an open_clip model name
+    pretrained: str = ""  # with an open_clip model name: a local weights file (.safetensors, or a torch checkpoint)
+    online: bool = False  # allow hub downloads; off by default, nothing leaves the machine
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    path: str  # image folder (root/<class>/*.jpg), a `datasets` save_to_disk folder, or pkg:MODULE/sub/dir
+    name: str = ""  # label in reports; defaults to the folder name
+    folders: dict[str, str] = field(default_factory=dict)  # folder name -> class name, where folders are not named after classes
+    max_per_class: int = 0  # keep at most this many images per class (seeded choice); 0 keeps all
+
+
+@dataclass(frozen=True)
+class GuardSuite(DataSpec):
+    classes: list[str] = field(default_factory=list)  # class names; empty = the folders' own names
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # '{}' or '{c}' stands for the class name
+    max_drop_pp: float = 1.0  # refuse if this suite's accuracy drops more than this (PAINT's bar), beyond noise
+
+
+@dataclass(frozen=True)
+class DiagnoseSpec:
+    fc1_fraction: float = 0.1  # per-layer top-s share of fc1 entries selected (LoRSU paper: 10%)
+    heads_per_layer: int = 2  # per-layer top-k attention heads selected (LoRSU paper: 2)
+    max_samples: int = 1000  # gradient scoring uses at most this many images (as LoRSU's code)
+    batch_size: int = 32  # images per backward pass while scoring
+    control: str = "none"  # 'random': same budget at random places (the localization control)
+
+
+@dataclass(frozen=True)
+class ApplySpec:
+    method: str = "lorsu"  # lorsu | lorsu-random | lorsu-fc1 | lorsu-heads | lora | spu | full | ln
+    shots: int = 16  # training images per class, sampled from the shot pool
+    holdout_per_class: int = 0  # target holdout images per class; 0 = every pool image not used for shots
+    epochs: int = 30  # passes over the shots
+    batch_size: int = 16  # images per optimizer step
+    lr: float = 1e-3  # Adam learning rate (cosine decay to lr/10, stepped per step)
+    rank: int = 8  # LoRA rank r for heads, projection and the `lora` baseline
+    lora_alpha: float = 8.0  # LoRA alpha (scale alpha/r)
+    train_biases: bool = False  # also train fc1 and Q/K/V biases, unmasked (LoRSU's official code does)
+    loss: str = "ce"  # 'ce': cross-entropy over the frozen class-text head; 'contrastive': CLIP loss, random templates
+    l2: float = 0.0  # weight of the L2 penalty on the delta
+    distill: float = 0.0  # weight of KL(parent || candidate) on reference images; 0 = off
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass(frozen=True)
+class GuardSpec:
+    suites: list[GuardSuite] = field(default_factory=list)  # what the model must keep doing well
+    min_target_gain_pp: float = 2.0  # target-holdout accuracy must rise at least this much
+    max_mean_drop_pp: float = 0.5  # mean drop over guard suites may not exceed this
+    alpha: float = 0.05  # a drop counts only if McNemar's exact test says so at this level
+    strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # lambda values tried
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    classes: list[str] = field(default_factory=list)  # target class names; errors/<folder> maps onto these
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # prompts; '{}' or '{c}' is the class
+    shot_pool: DataSpec | None = None  # labelled target images for apply's shots and holdout
+    inbox: str = "inbox"  # where operators drop misclassified images (<class>/*.jpg), for `cycle`
+    seed: int = 0  # one seed for sampling, masks and training
+    batch_size: int = 64  # images per forward pass in eval and guard
+    diagnose: DiagnoseSpec = field(default_factory=DiagnoseSpec)
+    apply: ApplySpec = field(default_factory=ApplySpec)
+    guard: GuardSpec = field(default_factory=GuardSpec)
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Read a recipe YAML; unknown keys and wrong types are errors naming the file."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UsageError(f"{path}: recipe not found", "check the path, or run `vepatch init`") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{path}:{line} is not valid YAML", "fix the syntax") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a recipe is a mapping of keys", "see recipes/default.yaml")
+    return from_plain(Recipe, data, where=str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_plain(recipe), sort_keys=False, allow_unicode=True)
+
+
+def with_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """Apply dotted-key overrides ('apply.shots': 16); None means 'not given' and is skipped."""
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        recipe = _replace_path(recipe, parents, leaf, value)
+    return recipe
+
+
+def _replace_path(obj: Any, parents: list[str], leaf: str, value: Any) -> Any:
+    if not parents:
+        names = {f.name for f in dataclasses.fields(obj)}
+        if leaf not in names:
+            raise UsageError(f"unknown recipe key '{leaf}'", f"known: {', '.join(sorted(names))}")
+        return dataclasses.replace(obj, **{leaf: value})
+    head, *rest = parents
+    return dataclasses.replace(obj, **{head: _replace_path(getattr(obj, head), rest, leaf, value)})

@@ -1,0 +1,100 @@
+"""Frozen records that round-trip to JSON. Every file vepatch writes carries schema_version;
+`read_record` drops keys it does not know (written by a newer vepatch) and fills defaults."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ._typed import from_plain, to_plain
+
+SCHEMA_VERSION = 1
+T = TypeVar("T")
+
+
+def to_json(record: Any) -> str:
+    return json.dumps(to_plain(record), indent=2, sort_keys=False)
+
+
+def from_json(cls: type[T], text: str, where: str = "") -> T:
+    return from_plain(cls, json.loads(text), where=where or cls.__name__, strict=False)
+
+
+def read_record(cls: type[T], path: Path) -> T:
+    return from_json(cls, path.read_text(encoding="utf-8"), where=str(path))
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Accuracy of one model version on one labelled set."""
+
+    set_name: str
+    version: str  # 'base', 'v3', or a candidate id
+    classnames: list[str]
+    n: int
+    accuracy: float
+    per_class_recall: list[float]  # in classnames order; NaN-free: classes with no image get 0 and n=0
+    per_class_n: list[int]
+    confusion: list[list[int]]  # [true][predicted]
+    skipped: list[SkippedFile] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class Confusion:
+    true: str
+    predicted: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Locus:
+    """One place in the vision tower that the diagnosis blames."""
+
+    kind: str  # 'fc1' (a block's MLP first layer) or 'head' (one attention head's Q/K/V rows)
+    block: str  # module path of the block, e.g. 'transformer.resblocks.3'
+    param: str  # full parameter name inside the model, e.g. 'visual.transformer.resblocks.3.mlp.c_fc.weight'
+    head: int  # head index for 'head' loci, -1 for 'fc1'
+    score: float  # blame: sum of (mean grad * weight)^2 over the locus (first-order Taylor)
+    grad_score: float  # LoRSU's score: sum of squared mean gradients over the locus
+    selected: int  # entries (fc1) or Q/K/V rows (head) the masks select here
+
+
+@dataclass(frozen=True)
+class BlockScore:
+    block: str
+    score: float  # blame of the block's fc1 and Q/K/V weights
+    share: float  # of the whole tower's blame
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """What `vepatch diagnose` found: where, what and which examples."""
+
+    created: str  # UTC timestamp, also the file name
+    version: str  # the model version diagnosed ('base', 'v3')
+    fingerprint: str  # of that version's vision tower
+    errors_dir: str
+    n_images: int
+    n_errors: int  # misclassified images: the ones scored
+    already_right: list[str]  # images the model already classifies right (reported, not used)
+    confusions: list[Confusion]
+    loci: list[Locus]  # ranked, highest score first
+    blocks: list[BlockScore]  # ranked
+    concentration_top10: float  # share of the total score held by the top 10% of blocks
+    fc1_fraction: float
+    heads_per_layer: int
+    control: str  # 'none' or 'random'
+    seed: int
+    masks_file: str  # safetensors beside this record: one boolean mask per parameter
+    selected_params: int  # entries the masks select in total
+    skipped: list[SkippedFile] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION

@@ -1,0 +1,65 @@
+"""Rich renderings of records for the terminal (cli.py prints them; the library never does)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from .records import Diagnosis, EvalReport
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def eval_table(report: EvalReport) -> Table:
+    table = Table(title=f"{report.set_name} — {report.version}: accuracy {pct(report.accuracy)} on {report.n} images")
+    table.add_column("class")
+    table.add_column("n", justify="right")
+    table.add_column("recall", justify="right")
+    table.add_column("most confused with")
+    for i, name in enumerate(report.classnames):
+        row = report.confusion[i]
+        others = [(c, j) for j, c in enumerate(row) if j != i and c > 0]
+        worst = max(others, default=None)
+        confused = f"{report.classnames[worst[1]]} ({worst[0]})" if worst else "-"
+        table.add_row(name, str(report.per_class_n[i]), pct(report.per_class_recall[i]), confused)
+    return table
+
+
+def confusion_table(report: EvalReport) -> Table:
+    table = Table(title="confusion (rows: true, columns: predicted)")
+    table.add_column("")
+    for name in report.classnames:
+        table.add_column(name[:12], justify="right")
+    for i, name in enumerate(report.classnames):
+        table.add_row(name, *[str(c) for c in report.confusion[i]])
+    return table
+
+
+def diagnosis_tables(d: Diagnosis, top: int = 12) -> list[Table]:
+    confusions = Table(title=f"{d.n_errors} of {d.n_images} images are errors ({len(d.already_right)} already right, not used)")
+    confusions.add_column("true")
+    confusions.add_column("predicted")
+    confusions.add_column("count", justify="right")
+    for c in d.confusions:
+        confusions.add_row(c.true, c.predicted, str(c.count))
+
+    blocks = Table(title=f"blame by block — top 10% of blocks hold {pct(d.concentration_top10)} of it")
+    blocks.add_column("block")
+    blocks.add_column("share", justify="right")
+    for b in d.blocks[:top]:
+        blocks.add_row(b.block, pct(b.share))
+
+    loci = Table(title=f"top loci ({d.control if d.control != 'none' else 'gradient'}-selected: {d.selected_params:,} weights)")
+    loci.add_column("rank", justify="right")
+    loci.add_column("kind")
+    loci.add_column("block")
+    loci.add_column("head", justify="right")
+    loci.add_column("score", justify="right")
+    loci.add_column("selected", justify="right")
+    for rank, locus in enumerate(d.loci[:top], 1):
+        loci.add_row(
+            str(rank), locus.kind, locus.block, str(locus.head) if locus.head >= 0 else "-",
+            f"{locus.score:.3g}", f"{locus.selected:,}",
+        )
+    return [confusions, blocks, loci]

@@ -1,0 +1,132 @@
+"""What each command does, between parsing (cli.py) and the algorithms: open the workspace
+and its recipe, load the model at a version, run a step, write its records to the store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .data import ImageSet, open_image_set
+from .errors import UsageError
+from .models import LoadedModel, load_model, resolve_device
+from .recipe import Recipe, with_overrides
+from .workspace import Workspace, find_workspace
+
+
+@dataclass
+class Context:
+    workspace: Optional[Workspace]
+    recipe: Recipe
+    device: str
+    _models: dict[str, LoadedModel] = field(default_factory=dict)
+
+    def base(self) -> LoadedModel:
+        if "base" not in self._models:
+            spec = self.recipe.model
+            pretrained = str(self.workspace.resolve(spec.pretrained)) if spec.pretrained and self.workspace else spec.pretrained
+            self._models["base"] = load_model(spec.ref, pretrained, online=spec.online)
+        return self._models["base"]
+
+    def model(self, version: Optional[str] = None) -> tuple[LoadedModel, str]:
+        """The model at `version` (default: the workspace's current one) and its name."""
+        name = version or "base"
+        if name != "base":
+            raise UsageError(f"unknown version '{name}'", "use 'base' (no patch has been accepted yet)")
+        return self.base(), name
+
+    def resolve(self, path: str | Path) -> Path:
+        return self.workspace.resolve(str(path)) if self.workspace else Path(path)
+
+
+def open_context(
+    workspace: Optional[Path] = None, model: Optional[str] = None, device: Optional[str] = None,
+    online: bool = False, required: bool = True,
+) -> Context:
+    """Find the workspace (or, with required=False, run on recipe defaults outside one)."""
+    try:
+        ws = find_workspace(workspace)
+        recipe = ws.recipe()
+    except UsageError:
+        if required or workspace is not None:
+            raise
+        ws, recipe = None, Recipe()
+    recipe = with_overrides(recipe, {"model.ref": model, "model.online": online or None, "apply.device": device})
+    return Context(ws, recipe, resolve_device(recipe.apply.device))
+
+
+def open_target_set(ctx: Context, path: Path, name: str = "") -> ImageSet:
+    """A set labelled with the recipe's target classes (errors/, inbox/, shot pool)."""
+    classes = ctx.recipe.classes or None
+    return open_image_set(path, classes, name=name or path.name, seed=ctx.recipe.seed)
+
+
+def set_and_templates(ctx: Context, data: Path, templates: Optional[Sequence[str]] = None) -> tuple[ImageSet, list[str]]:
+    """Open a labelled set with the classes and templates that fit it: a guard suite of the
+    recipe uses its own; a folder whose classes are the recipe's uses the recipe's; anything
+    else uses its own folder names."""
+    recipe = ctx.recipe
+    resolved = data.resolve()
+    for suite in recipe.guard.suites:
+        if ctx.resolve(suite.path).resolve() == resolved:
+            image_set = open_image_set(resolved, suite.classes or None, suite.folders, suite.name, suite.max_per_class, recipe.seed)
+            return image_set, list(templates or suite.templates)
+    own = open_image_set(resolved, None, name=data.name, seed=recipe.seed)
+    keys = {c.lower() for c in recipe.classes}
+    if recipe.classes and all(c.lower() in keys for c in own.classnames):
+        return open_target_set(ctx, resolved, data.name), list(templates or recipe.templates)
+    return own, list(templates or recipe.templates)
+
+
+def evaluate_set(ctx: Context, data: Path, version: Optional[str] = None, templates=None, batch_size=None):
+    from .evaluate import predict, report
+    from .heads import text_head
+
+    image_set, templates = set_and_templates(ctx, data, templates)
+    loaded, name = ctx.model(version)
+    head = text_head(loaded, image_set.classnames, templates)
+    predictions = predict(loaded, head, image_set, batch_size or ctx.recipe.batch_size, ctx.device)
+    result = report(predictions, image_set, name)
+    if ctx.workspace:
+        ctx.workspace.log("eval", data=str(data), version=name, accuracy=result.accuracy, n=result.n)
+    return result
+
+
+def run_diagnose(ctx: Context, errors_dir: Path, overrides: dict[str, Any]):
+    from safetensors.torch import save_file
+
+    from .diagnose import diagnose
+    from .fsio import write_text_atomic
+    from .heads import text_head
+    from .records import to_json
+
+    ws = ctx.workspace
+    recipe = with_overrides(ctx.recipe, overrides)
+    if not recipe.classes:
+        raise UsageError(f"{ws.recipe_path}: the recipe names no classes", "list the target classes under `classes:`")
+    errors = open_target_set(ctx, ctx.resolve(errors_dir), "errors")
+    loaded, version = ctx.model()
+    head = text_head(loaded, recipe.classes, recipe.templates)
+    spec = recipe.diagnose
+    with ws.lock():
+        diagnosis, masks = diagnose(
+            loaded, head, errors, version, spec.fc1_fraction, spec.heads_per_layer, spec.max_samples,
+            spec.batch_size, spec.control, recipe.seed, ctx.device,
+        )
+        masks_name = f"{diagnosis.created}.masks.safetensors"
+        diagnosis = _replace(diagnosis, masks_file=masks_name)
+        ws.diagnoses.mkdir(parents=True, exist_ok=True)
+        tmp = ws.diagnoses / f".{masks_name}.tmp"
+        save_file(masks.to_tensors(), str(tmp))
+        tmp.replace(ws.diagnoses / masks_name)
+        path = ws.diagnoses / f"{diagnosis.created}.json"
+        write_text_atomic(path, to_json(diagnosis))
+        ws.log("diagnose", file=path.name, errors=diagnosis.n_errors, images=diagnosis.n_images,
+               concentration_top10=diagnosis.concentration_top10, control=diagnosis.control)
+    return diagnosis, path
+
+
+def _replace(record, **changes):
+    import dataclasses
+
+    return dataclasses.replace(record, **changes)
