@@ -40,6 +40,7 @@ class GuardSuite(DataSpec):
     classes: list[str] = field(default_factory=list)  # class names; empty = the folders' own names
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # '{}' or '{c}' stands for the class name
     max_drop_pp: float = 1.0  # refuse if this suite's accuracy drops more than this (PAINT's bar), beyond noise
+    optional: bool = False  # a missing folder is skipped with a note instead of an error
 
 
 @dataclass(frozen=True)

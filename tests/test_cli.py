@@ -1,0 +1,73 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import tiny
+from vepatch.cli import app
+
+runner = CliRunner()
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def _commands():
+    return sorted(c.name or c.callback.__name__ for c in app.registered_commands)
+
+
+@pytest.mark.parametrize("name", _commands())
+def test_every_command_has_help_and_is_in_the_readme(name):
+    result = runner.invoke(app, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+    assert re.search(rf"vepatch {name}\b", README), f"README does not show `vepatch {name}`"
+
+
+def test_init_eval_diagnose_json(make_workspace, vit_bundle, tmp_path):
+    root = make_workspace(vit_bundle)
+    data = tiny.make_folder(tmp_path / "holdout", 4)
+    result = runner.invoke(app, ["eval", str(data), "-C", str(root), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["n"] == 12 and 0 <= report["accuracy"] <= 1
+    assert report["classnames"] == tiny.CLASSES and sum(map(sum, report["confusion"])) == 12
+
+    result = runner.invoke(app, ["diagnose", str(data), "-C", str(root), "--json"])
+    if result.exit_code == 4:  # the random tiny model got everything right: nothing to diagnose
+        pytest.skip("random tiny model made no error")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    diag = out["diagnosis"]
+    assert Path(out["file"]).is_file() and (Path(out["file"]).parent / diag["masks_file"]).is_file()
+    assert diag["n_errors"] + len(diag["already_right"]) == 12
+    assert diag["loci"][0]["score"] >= diag["loci"][-1]["score"]
+    log = [json.loads(l) for l in (root / ".vepatch" / "log.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in log] == ["init", "eval", "diagnose"]
+
+
+def test_outside_a_workspace_is_a_usage_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["diagnose", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "not inside a vepatch workspace" in result.output and "vepatch init" in result.output
+
+
+def test_unknown_class_folder_exits_1_with_one_line(make_workspace, vit_bundle, tmp_path):
+    root = make_workspace(vit_bundle)
+    errors = tiny.make_folder(tmp_path / "errors", 1, classes=["red square", "zebra"])
+    result = runner.invoke(app, ["diagnose", str(errors), "-C", str(root)])
+    assert result.exit_code == 1
+    assert "unknown class 'zebra'" in result.output and "Traceback" not in result.output
+
+
+def test_nothing_to_diagnose_exits_4(make_workspace, vit_bundle, tmp_path, monkeypatch):
+    import vepatch.diagnose as diag_mod
+    from vepatch.evaluate import Predictions
+
+    root = make_workspace(vit_bundle)
+    errors = tiny.make_folder(tmp_path / "errors", 2)
+    monkeypatch.setattr(diag_mod, "predict", lambda loaded, head, s, **kw: Predictions(
+        __import__("numpy").array(s.labels), __import__("numpy").array(s.labels)))
+    result = runner.invoke(app, ["diagnose", str(errors), "-C", str(root)])
+    assert result.exit_code == 4 and "already classifies all" in result.output
