@@ -10,7 +10,7 @@ shared="$here/../shared/data/imagenette-guard"
 
 rm -rf "$ws"
 vepatch init "$ws" --recipe "$here/recipes/textile.yaml"
-python "$here/examples/prepare_guards.py" "$ws" ${VEPATCH_DEMO_IMAGENETTE:+--imagenette "$VEPATCH_DEMO_IMAGENETTE"} \
+python "$here/examples/prepare_guards.py" "$ws" --per-class 20 ${VEPATCH_DEMO_IMAGENETTE:+--imagenette "$VEPATCH_DEMO_IMAGENETTE"} \
   $( [ -z "${VEPATCH_DEMO_IMAGENETTE:-}" ] && [ -d "$shared" ] && echo --imagenette "$shared" )
 python "$here/examples/prepare_textile_errors.py" "$ws/errors" --per-class 34
 cd "$ws"
@@ -19,3 +19,8 @@ echo "== zero-shot on the target before any patch"
 vepatch eval errors --version base
 echo "== which parameters are to blame"
 vepatch diagnose errors/
+echo "== train a candidate from 16 shots per class (LoRSU)"
+vepatch apply --shots 16
+echo "== guard: candidate vs the current version; promoted only if prior tasks are kept"
+vepatch guard || { rc=$?; [ $rc -eq 3 ] && echo "refused (exit 3): kept in .vepatch/candidates/ for inspection"; exit 0; }
+vepatch log

@@ -42,3 +42,30 @@ def make_workspace(tmp_path):
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def fitted_bundle(tmp_path_factory):
+    """The tiny ViT fitted to the tiny classes (so that harm can be seen), as a bundle."""
+    import torch
+
+    from vepatch.data import open_image_set
+    from vepatch.evaluate import loader
+    from vepatch.heads import compute_text_head
+    from vepatch.losses import ce_loss
+    from vepatch.models import load_model
+
+    folder = tmp_path_factory.mktemp("fitted")
+    loaded = load_model(f"local-dir:{tiny.build_bundle(folder / 'start', 'vit', seed=0)}")
+    train = open_image_set(tiny.make_folder(folder / "train", 16, seed=1))
+    head = compute_text_head(loaded, train.classnames, ["a photo of a {}."])
+    scale = loaded.model.logit_scale.exp().detach()
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(loaded.model.visual.parameters(), 1e-3)
+    for epoch in range(30):
+        for x, y in loader(train, loaded.preprocess, 16, shuffle=True, seed=epoch):
+            loss = ce_loss(loaded.model.encode_image(x), head, scale, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return tiny.build_bundle(folder / "bundle", "vit", state=loaded.model.state_dict())

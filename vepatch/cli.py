@@ -170,3 +170,227 @@ def diagnose(
     for table in diagnosis_tables(diagnosis, top):
         out.print(table)
     out.print(f"written: {path}")
+
+
+@command
+def apply(
+    shots: Annotated[Optional[int], typer.Option("--shots", help="Training images per class.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="lorsu, lorsu-random, lorsu-fc1, lorsu-heads, spu, lora, full, ln.")] = None,
+    diagnosis: Annotated[str, typer.Option("--diagnosis", help="'latest', a diagnosis file, or 'none' (masks from the shots).")] = "latest",
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the shots.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for shots, masks and training.")] = None,
+    loss: Annotated[Optional[str], typer.Option("--loss", help="'ce' (frozen text head) or 'contrastive'.")] = None,
+    workspace: WorkspaceOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Train a candidate patch on the current version from a few shots per class.
+
+    The candidate lands in .vepatch/candidates/<id>/; it becomes a version only when
+    `vepatch guard` accepts it.
+
+    Example: vepatch apply --shots 16
+    """
+    from . import session
+    from .patching import run_apply
+    from .recipe import with_overrides
+
+    ctx = session.open_context(workspace, device=device)
+    recipe = with_overrides(ctx.recipe, {"apply.shots": shots, "apply.method": method, "apply.epochs": epochs,
+                                         "apply.lr": lr, "seed": seed, "apply.loss": loss})
+    with _progress("training") as advance:
+        manifest = run_apply(ctx, recipe, diagnosis, advance)
+    if as_json:
+        emit_json(manifest)
+        return
+    m = manifest.metrics
+    out.print(f"candidate {manifest.candidate_id}: {manifest.method} on {manifest.parent}, "
+              f"{manifest.trainable_params:,} trainable numbers, {manifest.patch_bytes:,} bytes, "
+              f"{m['apply_seconds']:.1f}s, peak {m['peak_memory_mb']:.0f} MB")
+    out.print("next: vepatch guard")
+
+
+@command
+def guard(
+    candidate: Annotated[Optional[str], typer.Argument(help="Candidate id (default: the latest).")] = None,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", help="vM or base (default: the current version).")] = None,
+    no_promote: Annotated[bool, typer.Option("--no-promote", help="Write the version but do not make it current.")] = False,
+    workspace: WorkspaceOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Judge a candidate against a baseline on the target holdout and every guard suite.
+
+    Tries strengths 0.25..1 of the patch, keeps the best that passes, writes it as the next
+    version vN and makes it current. Exit 3 when refused (nothing becomes a version).
+
+    Example: vepatch guard --baseline v3
+    """
+    from . import session
+    from .patching import run_guard
+    from .render import guard_tables
+
+    ctx = session.open_context(workspace, device=device)
+    report = run_guard(ctx, candidate, baseline, promote=True, make_current=not no_promote)
+    if as_json:
+        emit_json(report)
+    else:
+        for table in guard_tables(report):
+            out.print(table)
+        out.print(f"[bold]{'ACCEPTED as ' + report.version if report.accepted else 'REFUSED'}[/]: {report.reason}")
+    if not report.accepted:
+        raise typer.Exit(3)
+
+
+@command
+def log(
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """The version chain and what happened in this workspace.
+
+    Example: vepatch log
+    """
+    from . import store
+    from .render import log_table
+
+    ws = _workspace(workspace)
+    manifests = [store.read_manifest(ws, v) for v in store.versions(ws)]
+    current = store.head(ws)
+    if as_json:
+        emit_json({"head": current, "versions": manifests})
+        return
+    out.print(log_table(manifests, current))
+
+
+@command
+def show(
+    version: Annotated[str, typer.Argument(help="vN, or a candidate id.")],
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """What a version (or candidate) changed: blocks, heads, parameters, metrics, verdict.
+
+    Example: vepatch show v1
+    """
+    from . import store
+    from .records import GuardReport, read_record
+    from .render import show_tables
+
+    ws = _workspace(workspace)
+    if store.VERSION_RE.match(version):
+        folder = store.version_dir(ws, version)
+        manifest = store.read_manifest(ws, version)
+    else:
+        folder = store.candidate_dir(ws, version)
+        manifest, _ = store.read_candidate(ws, version)
+    report = read_record(GuardReport, folder / store.GUARD_FILE) if (folder / store.GUARD_FILE).is_file() else None
+    if as_json:
+        emit_json({"manifest": manifest, "guard": report})
+        return
+    for table in show_tables(manifest, report):
+        out.print(table)
+
+
+@command
+def rollback(
+    version: Annotated[str, typer.Argument(help="vN or base.")],
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Make an earlier version current (moves HEAD; nothing is deleted).
+
+    Example: vepatch rollback v3
+    """
+    from . import store
+
+    ws = _workspace(workspace)
+    with ws.lock():
+        before = store.head(ws)
+        store.set_head(ws, version)
+        ws.log("rollback", from_version=before, to_version=version)
+    if as_json:
+        emit_json({"head": version, "previous": before})
+    else:
+        out.print(f"HEAD: {before} -> {version}")
+
+
+@command
+def export(
+    version: Annotated[str, typer.Argument(help="vN (or base).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="open_clip (merged local-dir: bundle) or peft (plain-LoRA patches).")] = "open_clip",
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Write a version as a merged model open_clip loads by itself (local-dir:), or a peft adapter.
+
+    Example: vepatch export v1 --out exported/ && python -c "import open_clip; open_clip.create_model('local-dir:exported')"
+    """
+    from . import session, store
+    from .export import export_bundle, export_peft
+
+    ctx = session.open_context(workspace)
+    if fmt == "peft":
+        if len(store.chain(ctx.workspace, version)) != 1:
+            raise UsageError("--format peft exports one patch on the base", "export a v1-on-base patch, or use --format open_clip")
+        manifest = store.read_manifest(ctx.workspace, version)
+        delta = store.load_delta(store.version_dir(ctx.workspace, version) / store.PATCH_FILE, manifest.patch_sha256)
+        path = export_peft(delta, out_dir, ctx.recipe.apply.rank, ctx.recipe.apply.lora_alpha)
+    elif fmt == "open_clip":
+        loaded, name = ctx.model(version)
+        path = export_bundle(loaded, ctx.recipe.model.ref, out_dir, name)
+    else:
+        raise UsageError(f"unknown format '{fmt}'", "use --format open_clip or --format peft")
+    ctx.workspace.log("export", version=version, out=str(path), format=fmt)
+    if as_json:
+        emit_json({"version": version, "out": str(path), "format": fmt})
+    else:
+        out.print(f"exported {version} to {path} ({fmt})")
+
+
+@command
+def verify(
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Re-hash every patch and re-check every fingerprint; exit 1 on any problem.
+
+    Example: vepatch verify
+    """
+    from . import session, store
+    from .models import load_model
+
+    ctx = session.open_context(workspace)
+    spec = ctx.recipe.model
+    problems = store.verify(ctx.workspace, load_model(spec.ref, ctx._pretrained(), spec.online))
+    left = [str(p) for p in store.leftovers(ctx.workspace)]
+    if as_json:
+        emit_json({"ok": not problems, "problems": problems, "leftover_temp": left})
+    else:
+        for p in problems:
+            err.print(f"[red]problem:[/] {p}")
+        if left:
+            err.print(f"{len(left)} temp folder(s) from an interrupted write (invisible, safe to delete): {', '.join(left)}")
+        out.print("store verifies" if not problems else f"{len(problems)} problem(s)")
+    if problems:
+        raise typer.Exit(1)
+
+
+def _progress(label: str):
+    """A rich progress bar on a terminal; nothing when piped. Yields advance(step, total)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def bar():
+        if not err.is_terminal:
+            yield None
+            return
+        from rich.progress import Progress
+
+        with Progress(console=err, transient=True) as progress:
+            task = progress.add_task(label, total=None)
+            yield lambda step, total: progress.update(task, completed=step, total=total)
+
+    return bar()

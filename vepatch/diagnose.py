@@ -27,7 +27,7 @@ import torch
 from .data import ImageSet
 from .errors import NothingToDo, UsageError
 from .evaluate import loader, predict
-from .losses import ce_loss
+from .losses import ce_loss, zero_shot_logits
 from .models import LoadedModel
 from .records import BlockScore, Confusion, Diagnosis, Locus, SkippedFile
 from .towers import Tower, describe_tower
@@ -58,9 +58,10 @@ class Masks:
 
 def mean_gradients(
     loaded: LoadedModel, head: torch.Tensor, image_set: ImageSet, params: list[str],
-    batch_size: int = 32, max_samples: int = 1000, device: str = "cpu", seed: int = 0,
+    batch_size: int = 32, max_samples: int = 1000, device: str = "cpu", seed: int = 0, objective: str = "ce",
 ) -> dict[str, torch.Tensor]:
-    """Mean over examples of d(loss)/d(param) for the named parameters (one pass, signed)."""
+    """Mean over examples of d(objective)/d(param) for the named parameters (one pass, signed).
+    objective 'ce': the training loss (LoRSU); 'logit-norm': ||logits||^2, label-free (SPU)."""
     model = loaded.model.to(device).eval()
     wanted = set(params)
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -75,7 +76,10 @@ def mean_gradients(
     try:
         for images, labels in loader(image_set, loaded.preprocess, batch_size):
             features = model.encode_image(images.to(device))
-            ce_loss(features, head, scale, labels.to(device), reduction="sum").backward()
+            if objective == "logit-norm":
+                zero_shot_logits(features, head, scale).pow(2).sum().backward()
+            else:
+                ce_loss(features, head, scale, labels.to(device), reduction="sum").backward()
         named = dict(model.named_parameters())
         return {n: named[n].grad.detach().cpu() / len(image_set) for n in params}
     finally:

@@ -98,3 +98,81 @@ class Diagnosis:
     selected_params: int  # entries the masks select in total
     skipped: list[SkippedFile] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class HoldoutRef:
+    """A target holdout, kept so that later guards can re-check an accepted fix."""
+
+    name: str
+    classnames: list[str]
+    templates: list[str]
+    sources: list[str]
+    labels: list[int]
+
+
+@dataclass(frozen=True)
+class PatchManifest:
+    """patch.json (accepted versions) / candidate.json (candidates): what a delta is and how it was made."""
+
+    candidate_id: str
+    method: str
+    base_ref: str
+    base_fingerprint: str
+    parent: str  # 'base' or 'vN'
+    parent_fingerprint: str
+    fingerprint: str  # of the vision tower after applying this delta (at `strength`) to the parent
+    strength: float  # lambda the delta is stored at (1.0 for candidates)
+    patch_sha256: str
+    patch_bytes: int
+    trainable_params: int
+    masks: dict[str, int]  # param -> entries allowed to change
+    seed: int
+    shots_hash: str
+    holdout: HoldoutRef
+    diagnosis: str  # the diagnosis file whose masks were used ('' if computed on the shots)
+    recipe: dict[str, Any]  # the resolved recipe
+    libraries: dict[str, str]
+    metrics: dict[str, float]  # apply_seconds, peak_memory_mb, final_loss, holdout accuracy before/after, ...
+    created: str
+    version: str = ""  # 'vN' once accepted
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    name: str
+    role: str  # 'target' or 'guard'
+    n: int
+    before: float
+    after: float
+    change_pp: float
+    p_value: float  # McNemar exact test on the paired disagreements
+    passed: bool
+    why: str
+
+
+@dataclass(frozen=True)
+class StrengthResult:
+    strength: float
+    suites: list[SuiteResult]
+    mean_guard_change_pp: float
+    passed: bool
+    why: str
+
+
+@dataclass(frozen=True)
+class GuardReport:
+    """guard.json: the verdict on one candidate against one baseline."""
+
+    candidate_id: str
+    baseline: str
+    baseline_fingerprint: str
+    accepted: bool
+    strength: float  # the chosen lambda (0 when refused)
+    trials: list[StrengthResult]
+    reason: str
+    predictions_sha256: dict[str, str]  # suite -> hash of the chosen model's per-example predictions
+    created: str
+    version: str = ""  # the version written, when accepted
+    schema_version: int = SCHEMA_VERSION

@@ -63,3 +63,44 @@ def diagnosis_tables(d: Diagnosis, top: int = 12) -> list[Table]:
             f"{locus.score:.3g}", f"{locus.selected:,}",
         )
     return [confusions, blocks, loci]
+
+
+def guard_tables(report) -> list[Table]:
+    tables = []
+    for trial in report.trials:
+        mark = "chosen" if report.accepted and trial.strength == report.strength else ("pass" if trial.passed else "fail")
+        t = Table(title=f"strength {trial.strength}: {mark} — mean guard change {trial.mean_guard_change_pp:+.2f} pp")
+        for col in ("suite", "role", "n", "before", "after", "change", "p", "verdict"):
+            t.add_column(col, justify="right" if col in ("n", "before", "after", "change", "p") else "left")
+        for s in trial.suites:
+            t.add_row(s.name, s.role, str(s.n), pct(s.before), pct(s.after), f"{s.change_pp:+.1f} pp",
+                      f"{s.p_value:.3f}", ("ok: " if s.passed else "FAIL: ") + s.why)
+        tables.append(t)
+    return tables
+
+
+def log_table(manifests, head: str) -> Table:
+    t = Table(title=f"versions (HEAD: {head})")
+    for col in ("version", "parent", "method", "strength", "params", "bytes", "created"):
+        t.add_column(col)
+    for m in manifests:
+        t.add_row(("* " if m.version == head else "") + m.version, m.parent, m.method, f"{m.strength:g}",
+                  f"{m.trainable_params:,}", f"{m.patch_bytes:,}", m.created)
+    return t
+
+
+def show_tables(manifest, report) -> list[Table]:
+    t = Table(title=f"{manifest.version or manifest.candidate_id}: {manifest.method} on {manifest.parent}")
+    t.add_column("parameter")
+    t.add_column("selected", justify="right")
+    for name, count in manifest.masks.items():
+        t.add_row(name.removeprefix("visual."), f"{count:,}")
+    info = Table(title="facts")
+    info.add_column("what")
+    info.add_column("value")
+    for k, v in [("trainable numbers", f"{manifest.trainable_params:,}"), ("patch bytes", f"{manifest.patch_bytes:,}"),
+                 ("strength", f"{manifest.strength:g}"), ("seed", str(manifest.seed)), ("diagnosis", manifest.diagnosis or "-"),
+                 *[(k, f"{v:.4g}") for k, v in manifest.metrics.items()],
+                 ("verdict", "-" if report is None else ("accepted" if report.accepted else "refused") + f": {report.reason}")]:
+        info.add_row(k, v)
+    return [t, info] + (guard_tables(report) if report else [])

@@ -24,16 +24,40 @@ class Context:
     def base(self) -> LoadedModel:
         if "base" not in self._models:
             spec = self.recipe.model
-            pretrained = str(self.workspace.resolve(spec.pretrained)) if spec.pretrained and self.workspace else spec.pretrained
-            self._models["base"] = load_model(spec.ref, pretrained, online=spec.online)
+            self._models["base"] = load_model(spec.ref, self._pretrained(), online=spec.online)
         return self._models["base"]
 
+    def base_fingerprint(self) -> str:
+        return self.base().fingerprint
+
     def model(self, version: Optional[str] = None) -> tuple[LoadedModel, str]:
-        """The model at `version` (default: the workspace's current one) and its name."""
-        name = version or "base"
-        if name != "base":
-            raise UsageError(f"unknown version '{name}'", "use 'base' (no patch has been accepted yet)")
-        return self.base(), name
+        """The model at `version`: 'base', 'vN', a candidate id, or (default) the current HEAD."""
+        from . import store
+
+        name = version or (store.head(self.workspace) if self.workspace else "base")
+        if name in self._models:
+            return self._models[name], name
+        if name == "base":
+            return self.base(), name
+        if self.workspace is None:
+            raise UsageError(f"'{name}' needs a workspace", "run inside a workspace or pass -C DIR")
+        fresh = load_model(self.recipe.model.ref, self._pretrained(), online=self.recipe.model.online)
+        if store.VERSION_RE.match(name):
+            loaded = store.apply_version(self.workspace, fresh, name)
+        else:
+            from .delta import apply_delta
+            from .models import fingerprint
+
+            manifest, delta = store.read_candidate(self.workspace, name)
+            loaded = store.apply_version(self.workspace, fresh, manifest.parent) if manifest.parent != "base" else fresh
+            apply_delta(loaded.model, delta)
+            loaded.fingerprint = fingerprint(loaded.model.visual)
+        self._models[name] = loaded
+        return loaded, name
+
+    def _pretrained(self) -> str:
+        spec = self.recipe.model
+        return str(self.workspace.resolve(spec.pretrained)) if spec.pretrained and self.workspace else spec.pretrained
 
     def resolve(self, path: str | Path) -> Path:
         return self.workspace.resolve(str(path)) if self.workspace else Path(path)

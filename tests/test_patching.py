@@ -1,0 +1,161 @@
+"""apply -> candidate -> guard -> version, on the tiny ViT."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import tiny
+from vepatch import store
+from vepatch.cli import app
+from vepatch.delta import Delta, apply_delta
+from vepatch.recipe import ApplySpec, DataSpec, GuardSpec, GuardSuite
+
+runner = CliRunner()
+
+
+def _ws(make_workspace, bundle, tmp_path, **apply_fields):
+    pool = tiny.make_folder(tmp_path / "pool", 14, seed=5)
+    guard_set = tiny.make_folder(tmp_path / "guardset", 6, seed=9)
+    spec = ApplySpec(**{"shots": 6, "epochs": 6, "batch_size": 6, "lr": 3e-3, "rank": 4, "lora_alpha": 4.0, **apply_fields})
+    return make_workspace(
+        bundle, shot_pool=DataSpec(path=str(pool), name="pool"), apply=spec,
+        guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+                        min_target_gain_pp=-100.0, max_mean_drop_pp=100.0),
+    )
+
+
+def _invoke(*args):
+    result = runner.invoke(app, list(args))
+    return result, (json.loads(result.stdout) if result.stdout.strip().startswith("{") else None)
+
+
+def test_lorsu_masked_entries_stay_bit_identical_and_delta_reproduces(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path)
+    result, manifest = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none")
+    assert result.exit_code == 0, result.output
+    ws = store.Workspace(root)
+    cand, delta = store.read_candidate(ws, manifest["candidate_id"])
+    from vepatch.models import load_model
+
+    parent = load_model(f"local-dir:{vit_bundle}")
+    before = {k: v.clone() for k, v in parent.model.state_dict().items()}
+    apply_delta(parent.model, delta)
+    after = parent.model.state_dict()
+    changed_fc1 = 0
+    for name, value in after.items():
+        if name.startswith("visual.") and name.endswith("mlp.c_fc.weight"):
+            diff = value != before[name]
+            mask_size = cand.masks[name]
+            assert diff.sum() <= mask_size  # only masked entries can move
+            changed_fc1 += int(diff.sum())
+        elif name.startswith("visual.") and name.endswith("attn.in_proj_weight"):
+            rows_changed = (value != before[name]).any(dim=1)
+            heads = set(torch.nonzero(rows_changed).reshape(-1).div(16, rounding_mode="floor").remainder(4).tolist())
+            assert len(heads) <= 2  # only the selected heads' rows
+        elif name != "visual.proj":
+            assert torch.equal(value, before[name]), name  # everything else bit-identical
+    assert changed_fc1 > 0
+    # the delta re-read from disk gives the same outputs as the candidate
+    x = torch.randn(2, 3, 32, 32)
+    reread = Delta.from_file(store.candidate_dir(ws, cand.candidate_id) / store.DELTA_FILE)
+    again = load_model(f"local-dir:{vit_bundle}")
+    apply_delta(again.model, reread)
+    with torch.no_grad():
+        assert torch.equal(again.model.encode_image(x), parent.model.encode_image(x))
+
+
+def test_same_seed_same_patch_bytes(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=2)
+    shas = []
+    for _ in range(2):
+        result, manifest = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none")
+        assert result.exit_code == 0, result.output
+        shas.append(manifest["patch_sha256"])
+    assert shas[0] == shas[1]
+
+
+def test_guard_accepts_writes_version_and_export_loads_in_open_clip(make_workspace, vit_bundle, tmp_path):
+    import open_clip
+
+    root = _ws(make_workspace, vit_bundle, tmp_path)
+    assert _invoke("apply", "-C", str(root), "--diagnosis", "none")[0].exit_code == 0
+    result, report = _invoke("guard", "-C", str(root), "--json")
+    assert result.exit_code == 0, result.output
+    assert report["accepted"] and report["version"] == "v1"
+    ws = store.Workspace(root)
+    assert store.head(ws) == "v1" and store.versions(ws) == ["v1"]
+    result, out = _invoke("verify", "-C", str(root), "--json")
+    assert result.exit_code == 0 and out["ok"], result.output
+
+    result, _ = _invoke("export", "v1", "--out", str(tmp_path / "exp"), "-C", str(root))
+    assert result.exit_code == 0, result.output
+    plain = open_clip.create_model(f"local-dir:{tmp_path / 'exp'}").eval()
+    from vepatch.session import open_context
+
+    ctx = open_context(root)
+    ours, _ = ctx.model("v1")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(plain.encode_image(x), ours.model.encode_image(x))
+
+    assert _invoke("rollback", "base", "-C", str(root))[0].exit_code == 0
+    assert store.head(ws) == "base" and store.versions(ws) == ["v1"]  # nothing deleted
+    for cmd in (["log"], ["show", "v1"]):
+        result, out = _invoke(*cmd, "-C", str(root), "--json")
+        assert result.exit_code == 0 and out is not None, result.output
+
+
+def test_guard_refuses_a_harmful_candidate(make_workspace, fitted_bundle, tmp_path):
+    root = _ws(make_workspace, fitted_bundle, tmp_path)
+    ws = store.Workspace(root)
+    # tighten the guard: a 1 pp drop on the colours suite is too much
+    text = (root / "vepatch.yaml").read_text().replace("max_drop_pp: 100.0", "max_drop_pp: 0.0")
+    text = text.replace("alpha: 0.05", "alpha: 1.01").replace("max_mean_drop_pp: 100.0", "max_mean_drop_pp: 0.0")
+    (root / "vepatch.yaml").write_text(text)
+    result, manifest = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none", "--method", "full", "--lr", "0.5")
+    assert result.exit_code == 0, result.output
+    result, report = _invoke("guard", "-C", str(root), "--json")
+    assert result.exit_code == 3, result.output
+    assert not report["accepted"] and report["version"] == ""
+    assert store.versions(ws) == [] and store.head(ws) == "base"
+    assert (store.candidate_dir(ws, manifest["candidate_id"]) / "guard.json").is_file()
+
+
+def test_tampered_and_foreign_patches_are_refused(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path)
+    assert _invoke("apply", "-C", str(root), "--diagnosis", "none")[0].exit_code == 0
+    assert _invoke("guard", "-C", str(root))[0].exit_code == 0
+    patch = root / ".vepatch" / "patches" / "v0001" / "patch.safetensors"
+    good = patch.read_bytes()
+    patch.write_bytes(good[:-8] + b"\0" * 8)
+    result, _ = _invoke("eval", str(tmp_path / "pool"), "-C", str(root), "--version", "v1")
+    assert result.exit_code == 1 and "sha256 mismatch" in result.output
+    assert _invoke("verify", "-C", str(root))[0].exit_code == 1
+    patch.write_bytes(good)
+    # the same store on another base model: refused by fingerprint
+    other = tiny.build_bundle(tmp_path / "other", "vit", seed=1)
+    text = (root / "vepatch.yaml").read_text().replace(str(vit_bundle), str(other))
+    (root / "vepatch.yaml").write_text(text)
+    result, _ = _invoke("eval", str(tmp_path / "pool"), "-C", str(root), "--version", "v1")
+    assert result.exit_code == 1 and "another fingerprint" in result.output
+
+
+def test_a_write_killed_midway_is_invisible(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path)
+    ws = store.Workspace(root)
+    staging = ws.patches / ".v0001.tmp12345"  # what a process killed mid-write leaves
+    staging.mkdir()
+    (staging / "patch.safetensors").write_bytes(b"half")
+    assert store.versions(ws) == [] and store.head(ws) == "base"
+    result, out = _invoke("verify", "-C", str(root), "--json")
+    assert result.exit_code == 0 and out["ok"] and out["leftover_temp"]
+
+
+@pytest.mark.parametrize("method", ["lorsu-random", "lorsu-fc1", "lorsu-heads", "spu", "lora", "ln"])
+def test_every_method_trains_a_candidate(make_workspace, vit_bundle, tmp_path, method):
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=1)
+    result, manifest = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none", "--method", method)
+    assert result.exit_code == 0, result.output
+    assert manifest["trainable_params"] > 0 and manifest["method"] == method

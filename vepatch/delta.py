@@ -1,0 +1,127 @@
+"""A delta: what a patch changes, relative to its parent, keyed by full parameter name.
+
+Three kinds of entries, all linear in the delta, so theta + lambda * delta keeps the same
+sparsity and rank for any strength lambda:
+  sparse   '<param>#sparse.index' (int64 flat indices) + '<param>#sparse.value'
+  lowrank  '<param>#lowrank.up' (rows x r) @ '<param>#lowrank.down' (r x cols), reshaped to the param
+  dense    '<param>#dense' (same shape as the param)
+Stored as safetensors only; never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import StoreError
+
+KINDS = ("sparse.index", "sparse.value", "lowrank.up", "lowrank.down", "dense")
+
+
+@dataclass
+class Delta:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def params(self) -> list[str]:
+        return sorted({k.split("#", 1)[0] for k in self.tensors})
+
+    def add_sparse(self, name: str, change: torch.Tensor) -> None:
+        flat = change.reshape(-1)
+        index = torch.nonzero(flat, as_tuple=False).reshape(-1)
+        self.tensors[f"{name}#sparse.index"] = index.to(torch.int64).contiguous()
+        self.tensors[f"{name}#sparse.value"] = flat[index].contiguous()
+
+    def add_lowrank(self, name: str, up: torch.Tensor, down: torch.Tensor) -> None:
+        self.tensors[f"{name}#lowrank.up"] = up.contiguous()
+        self.tensors[f"{name}#lowrank.down"] = down.contiguous()
+
+    def add_dense(self, name: str, change: torch.Tensor) -> None:
+        self.tensors[f"{name}#dense"] = change.contiguous()
+
+    def change_for(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The dense change this delta makes to parameter `name` (shape and dtype of `like`)."""
+        out = torch.zeros(like.numel(), dtype=torch.float32)
+        t = self.tensors
+        if f"{name}#sparse.index" in t:
+            out.index_add_(0, t[f"{name}#sparse.index"], t[f"{name}#sparse.value"].float())
+        out = out.reshape(like.shape)
+        if f"{name}#lowrank.up" in t:
+            out += (t[f"{name}#lowrank.up"].float() @ t[f"{name}#lowrank.down"].float()).reshape(like.shape)
+        if f"{name}#dense" in t:
+            out += t[f"{name}#dense"].float()
+        return out
+
+    def scaled(self, strength: float) -> "Delta":
+        """lambda * delta: values, one low-rank factor and dense entries scale; indices stay."""
+        out = {}
+        for k, v in self.tensors.items():
+            scale = k.endswith(("sparse.value", "lowrank.up", "#dense"))
+            out[k] = (v * strength).contiguous() if scale and strength != 1.0 else v
+        return Delta(out)
+
+    def trainable_count(self) -> int:
+        """Numbers the patch holds (indices not counted)."""
+        return int(sum(v.numel() for k, v in self.tensors.items() if not k.endswith("sparse.index")))
+
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        return save(self.tensors, metadata={"format": "vepatch-delta", "schema_version": "1"})
+
+    @classmethod
+    def from_file(cls, path: Path) -> "Delta":
+        from safetensors.torch import load
+
+        try:
+            tensors = load(path.read_bytes())
+        except FileNotFoundError:
+            raise StoreError(f"{path}: missing", "run `vepatch verify`; roll back to a version that verifies") from None
+        except Exception:
+            raise StoreError(
+                f"{path}: not a valid safetensors delta (corrupt, truncated or not safetensors)",
+                "it is refused, never loaded; roll back to a version that verifies",
+            ) from None
+        bad = [k for k in tensors if "#" not in k or k.split("#", 1)[1] not in KINDS]
+        if bad:
+            raise StoreError(f"{path}: unexpected entry '{bad[0]}'", "it is refused; this is not a vepatch delta")
+        return cls(tensors)
+
+
+@torch.no_grad()
+def apply_delta(model: nn.Module, delta: Delta, strength: float = 1.0) -> dict[str, torch.Tensor]:
+    """theta += strength * delta, in place, in float32 on the CPU copy of each change (so the
+    result is bit-for-bit the same wherever it is loaded). Returns the originals, for `restore`."""
+    params = dict(model.named_parameters())
+    originals = {}
+    for name in delta.params:
+        if name not in params:
+            raise StoreError(f"delta names '{name}', which this model does not have", "the patch is for another architecture")
+        p = params[name]
+        originals[name] = p.detach().clone()
+        change = delta.change_for(name, p)
+        p.copy_((p.detach().to("cpu", torch.float32) + strength * change).to(p.device, p.dtype))
+    return originals
+
+
+@torch.no_grad()
+def restore(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, value in originals.items():
+        params[name].copy_(value)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,74 @@
+"""Export a version as a merged open_clip `local-dir:` bundle (plain open_clip loads it),
+or, where the patch is plain LoRA, as a peft adapter."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .errors import UsageError
+from .fsio import write_text_atomic
+from .models import DEFAULT_REF, LoadedModel, ensure_default_bundle
+
+
+def _source_config(ref: str) -> tuple[dict, Path | None]:
+    if ref == DEFAULT_REF:
+        folder = ensure_default_bundle()
+    elif ref.startswith("local-dir:"):
+        folder = Path(ref.removeprefix("local-dir:"))
+    else:
+        import open_clip
+
+        cfg = open_clip.get_model_config(ref)
+        if cfg is None:
+            raise UsageError(f"cannot export '{ref}'", "export works for default, local-dir: and open_clip names")
+        return {"model_cfg": cfg, "preprocess_cfg": {}}, None
+    return json.loads((folder / "open_clip_config.json").read_text()), folder
+
+
+def export_bundle(loaded: LoadedModel, ref: str, out: Path, version: str) -> Path:
+    """Write open_clip_config.json + open_clip_model.safetensors of the merged model."""
+    from safetensors.torch import save_file
+
+    config, folder = _source_config(ref)
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    text_cfg = config["model_cfg"].get("text_cfg", {})
+    if folder is not None and text_cfg.get("hf_model_name"):
+        # the HF text tower's config and tokenizer travel with the bundle
+        for item in folder.iterdir():
+            if item.is_file() and item.suffix in (".json", ".txt") and item.name != "open_clip_config.json":
+                shutil.copy2(item, out / item.name)
+        if Path(text_cfg["hf_model_name"]).resolve() == folder.resolve():
+            text_cfg["hf_model_name"] = str(out)
+            text_cfg["hf_tokenizer_name"] = str(out)
+    state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
+    tmp = out / ".open_clip_model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"vepatch_version": version, "fingerprint": loaded.fingerprint})
+    tmp.replace(out / "open_clip_model.safetensors")
+    write_text_atomic(out / "open_clip_config.json", json.dumps(config, indent=2))
+    return out
+
+
+def export_peft(delta, out: Path, rank: int, alpha: float) -> Path:
+    """A plain-LoRA delta as a peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    if any(not k.endswith(("#lowrank.up", "#lowrank.down")) for k in delta.tensors):
+        raise UsageError("this patch is not plain LoRA", "use the default bundle export (--format open_clip)")
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, targets = {}, set()
+    for name in delta.params:
+        module = name.removesuffix(".weight")
+        targets.add(module.split(".")[-1])
+        up = delta.tensors[f"{name}#lowrank.up"] / (alpha / rank)  # peft applies the scale itself
+        tensors[f"base_model.model.{module}.lora_A.weight"] = delta.tensors[f"{name}#lowrank.down"].contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = up.contiguous()
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(targets),
+              "lora_dropout": 0.0, "bias": "none", "vepatch_version": __version__}
+    write_text_atomic(out / "adapter_config.json", json.dumps(config, indent=2, sort_keys=True))
+    return out

@@ -1,0 +1,98 @@
+"""The guard: paired evaluation of baseline and candidate, the acceptance rule
+(METHODS.md §3) and the strength search over lambda (PAINT / WiSE-FT)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import binomtest
+
+from .data import ImageSet
+from .delta import Delta, apply_delta, restore
+from .evaluate import Predictions, predict
+from .models import LoadedModel
+from .recipe import GuardSpec
+from .records import StrengthResult, SuiteResult
+
+
+@dataclass
+class Suite:
+    name: str
+    role: str  # 'target' or 'guard'
+    images: ImageSet
+    head: torch.Tensor
+    max_drop_pp: float
+
+
+def mcnemar_p(before: np.ndarray, after: np.ndarray) -> float:
+    """Exact two-sided McNemar test on paired correctness (1.0 when nothing changed)."""
+    lost = int((before & ~after).sum())
+    gained = int((~before & after).sum())
+    if lost + gained == 0:
+        return 1.0
+    return float(binomtest(min(lost, gained), lost + gained, 0.5).pvalue)
+
+
+def judge(suites: list[Suite], base: dict[str, Predictions], cand: dict[str, Predictions], spec: GuardSpec, strength: float) -> StrengthResult:
+    results, guard_changes = [], []
+    for s in suites:
+        b, a = base[s.name], cand[s.name]
+        change = 100 * (a.accuracy - b.accuracy)
+        p = mcnemar_p(b.correct, a.correct)
+        if s.role == "target":
+            passed = change >= spec.min_target_gain_pp
+            why = "gain ok" if passed else f"gain {change:+.1f} pp < required {spec.min_target_gain_pp:+.1f} pp"
+        else:
+            guard_changes.append(change)
+            significant = p < spec.alpha
+            passed = not (-change > s.max_drop_pp and significant)
+            if passed:
+                why = "kept" if change >= -s.max_drop_pp else f"drop {change:+.1f} pp within noise (p={p:.2f})"
+            else:
+                why = f"drop {change:+.1f} pp > {s.max_drop_pp:.1f} pp allowed (p={p:.3f})"
+        results.append(SuiteResult(s.name, s.role, len(b.labels), b.accuracy, a.accuracy, change, p, passed, why))
+    mean_change = float(np.mean(guard_changes)) if guard_changes else 0.0
+    reasons = [f"{r.name}: {r.why}" for r in results if not r.passed]
+    if -mean_change > spec.max_mean_drop_pp:
+        reasons.append(f"mean guard drop {mean_change:+.2f} pp > {spec.max_mean_drop_pp:.2f} pp allowed")
+    passed = not reasons
+    return StrengthResult(strength, results, mean_change, passed, "; ".join(reasons) or "all checks pass")
+
+
+def predict_all(loaded: LoadedModel, suites: list[Suite], batch_size: int, device: str) -> dict[str, Predictions]:
+    return {s.name: predict(loaded, s.head, s.images, batch_size, device) for s in suites}
+
+
+def search_strengths(
+    baseline: LoadedModel, delta: Delta, suites: list[Suite], spec: GuardSpec, batch_size: int, device: str,
+    base_predictions: dict[str, Predictions] | None = None,
+) -> tuple[list[StrengthResult], dict[float, dict[str, Predictions]], dict[str, Predictions]]:
+    """Evaluate baseline once and baseline + lambda * delta for every lambda, in this process,
+    same device and batch order. Returns the trials, the candidates' predictions, the baseline's."""
+    base = base_predictions or predict_all(baseline, suites, batch_size, device)
+    trials, preds = [], {}
+    for strength in sorted(spec.strengths, reverse=True):
+        originals = apply_delta(baseline.model, delta, strength)
+        try:
+            preds[strength] = predict_all(baseline, suites, batch_size, device)
+        finally:
+            restore(baseline.model, originals)
+        trials.append(judge(suites, base, preds[strength], spec, strength))
+    return trials, preds, base
+
+
+def choose(trials: list[StrengthResult]) -> StrengthResult | None:
+    """The passing strength with the best target gain; ties go to the smaller guard drop."""
+    passing = [t for t in trials if t.passed]
+    if not passing:
+        return None
+    target = lambda t: sum(s.change_pp for s in t.suites if s.role == "target")  # noqa: E731
+    return max(passing, key=lambda t: (round(target(t), 6), t.mean_guard_change_pp, -t.strength))
+
+
+def predictions_hash(p: Predictions) -> str:
+    import hashlib
+
+    return hashlib.sha256(p.preds.astype(np.int64).tobytes()).hexdigest()

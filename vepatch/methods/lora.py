@@ -1,0 +1,49 @@
+"""The `lora` baseline: peft LoRA on the tower's linear layers (and 1x1 convs of CNN towers)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..delta import Delta
+from .trainable import Trainable
+
+
+def lora_targets(visual: nn.Module) -> list[str]:
+    """Linear layers and pointwise convs; not nn.MultiheadAttention's out_proj, whose weight
+    the attention kernel reads directly (a wrapper there would be silently ignored)."""
+    mha_out = {f"{n}.out_proj" for n, m in visual.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    out = []
+    for name, module in visual.named_modules():
+        if name in mha_out:
+            continue
+        if isinstance(module, nn.Linear) or (
+            isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+        ):
+            out.append(name)
+    return out
+
+
+def add_peft_lora(t: Trainable, visual: nn.Module, rank: int, alpha: float) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = lora_targets(visual)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
+    inject_adapter_in_model(config, visual)
+    t.params += [p for n, p in visual.named_parameters() if "lora_" in n]
+    for p in t.params:
+        p.requires_grad_(True)
+    wrapped = {name: visual.get_submodule(name) for name in targets}
+    for name, module in wrapped.items():
+        a = module.lora_A["default"].weight
+        t.summary[f"visual.{name}.weight"] = a.numel() + module.lora_B["default"].weight.numel()
+
+    def extract() -> Delta:
+        out = Delta()
+        for name, module in wrapped.items():
+            a = module.lora_A["default"].weight.detach().float().cpu()
+            b = module.lora_B["default"].weight.detach().float().cpu()
+            scale = module.scaling["default"]
+            out.add_lowrank(f"visual.{name}.weight", scale * b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1))
+        return out
+
+    t.extract_extra = extract

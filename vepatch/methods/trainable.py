@@ -1,0 +1,113 @@
+"""The pieces every method is made of: a masked dense update (only the mask's entries ever
+change: the *update* is masked, so optimizer state cannot drift the rest) and a row-masked
+low-rank change (LoRA whose `up` factor is zero outside the allowed rows).
+
+Written by hand because LoRSU needs LoRA restricted to some heads' rows of a fused Q/K/V
+weight (and of open_clip's bare `proj` parameter), which peft does not offer; the `lora`
+baseline uses peft itself."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..delta import Delta
+
+
+class LowRankChange(nn.Module):
+    """Parametrization W -> W + scale * (up * row_mask) @ down, reshaped to W."""
+
+    def __init__(self, rows: int, cols: int, rank: int, alpha: float, row_mask: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.down = nn.Parameter(torch.empty(rank, cols))
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+        self.up = nn.Parameter(torch.zeros(rows, rank))
+        self.scale = alpha / rank
+        mask = torch.ones(rows, 1) if row_mask is None else row_mask.float().reshape(rows, 1)
+        self.register_buffer("row_mask", mask)
+
+    def change(self) -> torch.Tensor:
+        return self.scale * (self.up * self.row_mask) @ self.down
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.change().reshape(weight.shape).to(weight.dtype)
+
+
+@dataclass
+class Trainable:
+    """What one method trains on `visual` (a private copy of the tower)."""
+
+    visual: nn.Module
+    params: list[nn.Parameter] = field(default_factory=list)
+    masked: dict[str, tuple[nn.Parameter, torch.Tensor, Optional[torch.Tensor]]] = field(default_factory=dict)
+    lowrank: dict[str, LowRankChange] = field(default_factory=dict)
+    extract_extra: Optional[Callable[[], Delta]] = None  # methods with their own delta (peft)
+    summary: dict[str, int] = field(default_factory=dict)  # param -> entries allowed to change
+
+    def add_masked(self, full_name: str, mask: Optional[torch.Tensor]) -> None:
+        """Train parameter `full_name` ('visual.…'), changing only `mask`'s entries (None: all)."""
+        p = _param(self.visual, full_name)
+        p.requires_grad_(True)
+        self.masked[full_name] = (p, p.detach().clone(), None if mask is None else mask.to(p.device))
+        self.params.append(p)
+        self.summary[full_name] = p.numel() if mask is None else int(mask.sum())
+
+    def add_lowrank(self, full_name: str, rank: int, alpha: float, row_mask: Optional[torch.Tensor] = None) -> None:
+        module, attr = _owner(self.visual, full_name)
+        weight = getattr(module, attr)
+        rows, cols = weight.shape[0], weight[0].numel()
+        change = LowRankChange(rows, cols, rank, alpha, row_mask).to(weight.device)
+        parametrize.register_parametrization(module, attr, change)
+        self.lowrank[full_name] = change
+        self.params += [change.up, change.down]
+        allowed = rows if row_mask is None else int(row_mask.sum())
+        self.summary[full_name] = rank * (allowed + cols)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for p, original, mask in self.masked.values():
+            if mask is not None:
+                p.copy_(torch.where(mask, p, original))
+
+    def l2(self) -> torch.Tensor:
+        """Squared norm of the change so far (the L2 regularizer)."""
+        total = torch.zeros((), device=self.params[0].device) if self.params else torch.zeros(())
+        for p, original, mask in self.masked.values():
+            diff = p - original
+            total = total + (diff if mask is None else diff * mask).pow(2).sum()
+        for change in self.lowrank.values():
+            total = total + change.change().pow(2).sum()
+        return total
+
+    @torch.no_grad()
+    def delta(self) -> Delta:
+        out = Delta()
+        for name, (p, original, mask) in self.masked.items():
+            change = (p.detach() - original).float().cpu()
+            if mask is None:
+                out.add_dense(name, change)
+            else:
+                flat_mask = mask.reshape(-1).cpu()
+                index = torch.nonzero(flat_mask).reshape(-1)
+                out.tensors[f"{name}#sparse.index"] = index.contiguous()
+                out.tensors[f"{name}#sparse.value"] = change.reshape(-1)[index].contiguous()
+        for name, change in self.lowrank.items():
+            up = (change.scale * change.up * change.row_mask).detach().float().cpu()
+            out.add_lowrank(name, up, change.down.detach().float().cpu())
+        if self.extract_extra is not None:
+            out.tensors.update(self.extract_extra().tensors)
+        return out
+
+
+def _param(visual: nn.Module, full_name: str) -> nn.Parameter:
+    return dict(visual.named_parameters())[full_name.removeprefix("visual.")]
+
+
+def _owner(visual: nn.Module, full_name: str) -> tuple[nn.Module, str]:
+    path, _, attr = full_name.removeprefix("visual.").rpartition(".")
+    return (visual.get_submodule(path) if path else visual), attr

@@ -1,0 +1,212 @@
+"""The versioned patch store under .vepatch/ (DESIGN.md):
+
+  candidates/<id>/delta.safetensors + candidate.json (+ guard.json once judged)
+  patches/vNNNN/patch.safetensors + patch.json + guard.json   (accepted only)
+  HEAD                                                        (current version; absent = base)
+
+A version is written into a hidden temp folder and renamed into place, then HEAD moves:
+a crash leaves either no new version or a complete one. Loading vN applies base + v1..vN,
+checking each file's sha256 and each fingerprint on the way; any mismatch is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .delta import Delta, apply_delta, sha256_bytes, sha256_file
+from .errors import StoreError, UsageError
+from .fsio import fsync_dir, write_bytes_atomic, write_text_atomic
+from .models import LoadedModel, fingerprint
+from .records import GuardReport, PatchManifest, read_record, to_json
+from .workspace import Workspace
+
+VERSION_RE = re.compile(r"^v(\d+)$")
+PATCH_FILE, MANIFEST_FILE, GUARD_FILE = "patch.safetensors", "patch.json", "guard.json"
+DELTA_FILE, CANDIDATE_FILE = "delta.safetensors", "candidate.json"
+
+
+def version_dir(ws: Workspace, version: str) -> Path:
+    m = VERSION_RE.match(version)
+    if not m:
+        raise UsageError(f"'{version}' is not a version", "versions are written vN (v1, v2, ...) or 'base'")
+    return ws.patches / f"v{int(m.group(1)):04d}"
+
+
+def versions(ws: Workspace) -> list[str]:
+    """Accepted versions in order (complete folders only; temp folders are invisible)."""
+    found = []
+    for d in ws.patches.glob("v[0-9]*"):
+        if d.is_dir() and (d / MANIFEST_FILE).is_file():
+            found.append(int(d.name[1:]))
+    return [f"v{n}" for n in sorted(found)]
+
+
+def head(ws: Workspace) -> str:
+    path = ws.store / "HEAD"
+    if not path.is_file():
+        return "base"
+    value = path.read_text().strip()
+    if value != "base" and value not in versions(ws):
+        raise StoreError(f"{path}: names '{value}', which is not an accepted version", "run `vepatch rollback vN` to a listed version")
+    return value
+
+
+def set_head(ws: Workspace, version: str) -> None:
+    if version != "base" and version not in versions(ws):
+        raise UsageError(f"no version '{version}'", f"known: base, {', '.join(versions(ws)) or '(none yet)'}")
+    write_text_atomic(ws.store / "HEAD", version + "\n")
+
+
+def chain(ws: Workspace, version: str) -> list[str]:
+    """The versions to apply, oldest first, to reach `version`."""
+    out, current = [], version
+    while current != "base":
+        manifest = read_manifest(ws, current)
+        out.append(current)
+        current = manifest.parent
+        if current in out:
+            raise StoreError(f"{version_dir(ws, version)}: the parent chain loops", "the store is corrupt")
+    return out[::-1]
+
+
+def read_manifest(ws: Workspace, version: str) -> PatchManifest:
+    path = version_dir(ws, version) / MANIFEST_FILE
+    if not path.is_file():
+        raise UsageError(f"no version '{version}'", f"known: base, {', '.join(versions(ws)) or '(none yet)'}")
+    try:
+        return read_record(PatchManifest, path)
+    except Exception as exc:
+        raise StoreError(f"{path}: unreadable manifest ({exc})", "roll back to a version that verifies") from None
+
+
+def load_delta(path: Path, expected_sha256: str) -> Delta:
+    """Read a delta only if its bytes are the ones the manifest recorded."""
+    if not path.is_file():
+        raise StoreError(f"{path}: missing", "roll back to a version that verifies")
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise StoreError(f"{path}: sha256 mismatch (tampered or corrupt)", "it is refused; roll back to a version that verifies")
+    return Delta.from_file(path)
+
+
+def apply_version(ws: Workspace, loaded: LoadedModel, version: str) -> LoadedModel:
+    """Apply base -> version to `loaded` (which must be the base), checking every fingerprint."""
+    for v in chain(ws, version):
+        manifest = read_manifest(ws, v)
+        folder = version_dir(ws, v)
+        if manifest.parent_fingerprint != loaded.fingerprint:
+            raise StoreError(
+                f"{folder / MANIFEST_FILE}: made for a parent with another fingerprint",
+                "this patch belongs to another base model or chain; it is refused",
+            )
+        apply_delta(loaded.model, load_delta(folder / PATCH_FILE, manifest.patch_sha256))
+        loaded.fingerprint = fingerprint(loaded.model.visual)
+        if loaded.fingerprint != manifest.fingerprint:
+            raise StoreError(f"{folder}: the patched tower does not match its recorded fingerprint", "roll back to a version that verifies")
+    return loaded
+
+
+# --- candidates ---------------------------------------------------------------------------
+
+
+def candidate_dir(ws: Workspace, candidate_id: str) -> Path:
+    return ws.candidates / candidate_id
+
+
+def write_candidate(ws: Workspace, manifest: PatchManifest, delta_bytes: bytes) -> Path:
+    folder = candidate_dir(ws, manifest.candidate_id)
+    staging = ws.candidates / f".{manifest.candidate_id}.tmp{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    write_bytes_atomic(staging / DELTA_FILE, delta_bytes)
+    write_text_atomic(staging / CANDIDATE_FILE, to_json(manifest))
+    os.replace(staging, folder)
+    fsync_dir(ws.candidates)
+    return folder
+
+
+def candidates(ws: Workspace) -> list[str]:
+    found = [d for d in ws.candidates.iterdir() if d.is_dir() and not d.name.startswith(".") and (d / CANDIDATE_FILE).is_file()]
+    return [d.name for d in sorted(found, key=lambda d: d.name)]
+
+
+def read_candidate(ws: Workspace, candidate_id: str | None) -> tuple[PatchManifest, Delta]:
+    if candidate_id is None:
+        known = candidates(ws)
+        if not known:
+            from .errors import NothingToDo
+
+            raise NothingToDo(f"{ws.candidates}: no candidate", "run `vepatch apply` first")
+        candidate_id = known[-1]
+    folder = candidate_dir(ws, candidate_id)
+    if not (folder / CANDIDATE_FILE).is_file():
+        raise UsageError(f"no candidate '{candidate_id}'", f"known: {', '.join(candidates(ws)) or '(none)'}")
+    manifest = read_record(PatchManifest, folder / CANDIDATE_FILE)
+    return manifest, load_delta(folder / DELTA_FILE, manifest.patch_sha256)
+
+
+# --- versions -----------------------------------------------------------------------------
+
+
+def write_version(ws: Workspace, manifest: PatchManifest, delta: Delta, report: GuardReport, make_current: bool = True) -> str:
+    """Write an accepted candidate (delta already scaled to the chosen strength) as the next vN."""
+    number = (int(versions(ws)[-1][1:]) if versions(ws) else 0) + 1
+    version = f"v{number}"
+    folder = version_dir(ws, version)
+    staging = ws.patches / f".{folder.name}.tmp{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    data = delta.to_bytes()
+    manifest = dataclasses.replace(manifest, version=version, patch_sha256=sha256_bytes(data), patch_bytes=len(data))
+    report = dataclasses.replace(report, version=version)
+    write_bytes_atomic(staging / PATCH_FILE, data)
+    write_text_atomic(staging / GUARD_FILE, to_json(report))
+    write_text_atomic(staging / MANIFEST_FILE, to_json(manifest))  # last: marks the folder complete
+    os.replace(staging, folder)
+    fsync_dir(ws.patches)
+    if make_current:
+        set_head(ws, version)
+    return version
+
+
+# --- verify -------------------------------------------------------------------------------
+
+
+def verify(ws: Workspace, base: LoadedModel) -> list[str]:
+    """Re-hash everything; returns the problems found (empty: the store is valid).
+    `base` is a freshly loaded base model; it is patched along each chain as it goes."""
+    import copy
+
+    problems = []
+    try:
+        head(ws)
+    except StoreError as exc:
+        problems.append(str(exc))
+    pristine = copy.deepcopy(base.model.visual.state_dict())
+    for v in versions(ws):
+        folder = version_dir(ws, v)
+        try:
+            base.model.visual.load_state_dict(pristine)
+            base.fingerprint = fingerprint(base.model.visual)
+            manifest = read_manifest(ws, v)
+            if manifest.base_fingerprint != base.fingerprint:
+                problems.append(f"{folder}: made for another base model (fingerprint {manifest.base_fingerprint[:12]})")
+                continue
+            apply_version(ws, base, v)
+            read_record(GuardReport, folder / GUARD_FILE)
+        except Exception as exc:
+            problems.append(str(exc))
+    for c in candidates(ws):
+        try:
+            read_candidate(ws, c)
+        except Exception as exc:
+            problems.append(str(exc))
+    base.model.visual.load_state_dict(pristine)
+    base.fingerprint = fingerprint(base.model.visual)
+    return problems
+
+
+def leftovers(ws: Workspace) -> list[Path]:
+    """Temp folders left by a crash: invisible to every reader, safe to delete."""
+    return sorted(p for d in (ws.patches, ws.candidates) for p in d.glob(".*.tmp*"))
