@@ -142,6 +142,39 @@ def test_tampered_and_foreign_patches_are_refused(make_workspace, vit_bundle, tm
     assert result.exit_code == 1 and "another fingerprint" in result.output
 
 
+KILL_MIDWAY = """
+import os, signal, sys
+from vepatch import store
+from vepatch.session import open_context
+from vepatch.patching import run_guard
+real = store.write_text_atomic
+def dying(path, text):
+    if path.name == store.MANIFEST_FILE:  # patch and verdict written, manifest not yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, text)
+store.write_text_atomic = dying
+from pathlib import Path
+run_guard(open_context(Path(sys.argv[1])), None, None)
+"""
+
+
+def test_a_process_killed_while_writing_a_version_leaves_the_store_valid(make_workspace, vit_bundle, tmp_path):
+    import subprocess
+    import sys
+
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=1)
+    assert _invoke("apply", "-C", str(root), "--diagnosis", "none")[0].exit_code == 0
+    done = subprocess.run([sys.executable, "-c", KILL_MIDWAY, str(root)], capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr  # really killed
+    ws = store.Workspace(root)
+    assert store.versions(ws) == [] and store.head(ws) == "base"
+    assert store.leftovers(ws)  # the half-written folder is there, and invisible
+    result, out = _invoke("verify", "-C", str(root), "--json")
+    assert result.exit_code == 0 and out["ok"], result.output
+    result, report = _invoke("guard", "-C", str(root), "--json")  # the next run completes the work
+    assert result.exit_code == 0 and report["version"] == "v1"
+
+
 def test_a_write_killed_midway_is_invisible(make_workspace, vit_bundle, tmp_path):
     root = _ws(make_workspace, vit_bundle, tmp_path)
     ws = store.Workspace(root)
@@ -159,3 +192,47 @@ def test_every_method_trains_a_candidate(make_workspace, vit_bundle, tmp_path, m
     result, manifest = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none", "--method", method)
     assert result.exit_code == 0, result.output
     assert manifest["trainable_params"] > 0 and manifest["method"] == method
+
+
+def test_l2_and_distillation_regularize_the_delta(make_workspace, vit_bundle, tmp_path):
+    """Stronger regularization -> a smaller change, same seed and data."""
+    from vepatch.recipe import DataSpec as DS
+
+    ref = tiny.make_folder(tmp_path / "ref", 4, seed=11)
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=3)
+    text = (root / "vepatch.yaml").read_text().replace("reference: null", f"reference:\n  path: {ref}")
+    (root / "vepatch.yaml").write_text(text)
+    norms = {}
+    for name, l2, distill in (("plain", 0.0, 0.0), ("l2", 10.0, 0.0), ("distill", 0.0, 50.0)):
+        t = text.replace("l2: 0.0", f"l2: {l2}").replace("distill: 0.0", f"distill: {distill}")
+        (root / "vepatch.yaml").write_text(t)
+        result, manifest = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none", "--method", "full")
+        assert result.exit_code == 0, result.output
+        _, delta = store.read_candidate(store.Workspace(root), manifest["candidate_id"])
+        norms[name] = sum(float(v.float().pow(2).sum()) for v in delta.tensors.values())
+    assert norms["l2"] < norms["plain"] and norms["distill"] < norms["plain"]
+
+
+def test_export_peft_for_a_plain_lora_patch(make_workspace, vit_bundle, tmp_path):
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from vepatch.methods.lora import lora_targets
+    from vepatch.models import load_model
+    from vepatch.session import open_context
+
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=2)
+    assert _invoke("apply", "-C", str(root), "--diagnosis", "none", "--method", "lora")[0].exit_code == 0
+    assert _invoke("guard", "-C", str(root))[0].exit_code == 0
+    result, _ = _invoke("export", "v1", "--format", "peft", "--out", str(tmp_path / "adapter"), "-C", str(root))
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    model = load_model(f"local-dir:{vit_bundle}").model
+    targets = ["visual." + t for t in lora_targets(model.visual)]
+    inject_adapter_in_model(LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=targets), model)
+    weights = {k.removeprefix("base_model.model."): v for k, v in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).items()}
+    set_peft_model_state_dict(model, weights)
+    ours, _ = open_context(root).model("v1")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.eval().encode_image(x), ours.model.encode_image(x), atol=1e-5)

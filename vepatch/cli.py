@@ -394,3 +394,43 @@ def _progress(label: str):
             yield lambda step, total: progress.update(task, completed=step, total=total)
 
     return bar()
+
+
+@command
+def bench(
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to compare.")] = "lorsu,lora,spu,full,ln,lorsu-random",
+    shots: Annotated[Optional[int], typer.Option("--shots", help="Training images per class.")] = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds 0..N-1 (each seed: its own shots and holdout).")] = 3,
+    workspace: WorkspaceOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Compare patch methods on this workspace's data: same shots, holdout, guards, loss and budget.
+
+    Writes .vepatch/bench/<utc>/bench.json and bench.md. Candidates stay in candidates/.
+
+    Example: vepatch bench --methods lorsu,lora,full --seeds 3
+    """
+    from datetime import datetime, timezone
+
+    from . import session
+    from ._typed import to_plain
+    from .bench import markdown, run_bench, summarize
+    from .fsio import write_text_atomic
+
+    ctx = session.open_context(workspace, device=device)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    with _progress("bench") as advance:
+        runs = run_bench(ctx, chosen, list(range(seeds)), shots or ctx.recipe.apply.shots,
+                         ["--device", ctx.device], advance)
+    rows = summarize(runs)
+    folder = ctx.workspace.store / "bench" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    result = {"runs": to_plain(runs), "summary": to_plain(rows), "device": ctx.device}
+    write_text_atomic(folder / "bench.json", json.dumps(result, indent=2))
+    write_text_atomic(folder / "bench.md", markdown(rows))
+    ctx.workspace.log("bench", folder=str(folder), methods=chosen, seeds=seeds)
+    if as_json:
+        emit_json({**result, "folder": str(folder)})
+    else:
+        out.print(markdown(rows))
+        out.print(f"written: {folder}")

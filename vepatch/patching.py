@@ -100,7 +100,8 @@ def run_apply(ctx: Context, recipe: Recipe, diagnosis: str = "latest", progress:
     if spec.loss == "contrastive":  # (classes, templates, dim): one random template per image
         prompts = torch.stack([text_head(loaded, recipe.classes, [t]) for t in recipe.templates], dim=1)
     scale = loaded.model.logit_scale.exp().detach()
-    stats = train(trainable, loaded.preprocess, shots, head, scale, spec, recipe.seed, ctx.device, prompts, None, progress)
+    reference = reference_logits(ctx, loaded, recipe) if spec.distill > 0 else None
+    stats = train(trainable, loaded.preprocess, shots, head, scale, spec, recipe.seed, ctx.device, prompts, reference, progress)
     delta = trainable.delta()
     del visual, trainable
 
@@ -141,6 +142,28 @@ def run_apply(ctx: Context, recipe: Recipe, diagnosis: str = "latest", progress:
                           trainable_params=manifest.trainable_params, patch_bytes=manifest.patch_bytes,
                           seconds=round(stats.seconds, 2))
     return manifest
+
+
+REFERENCE_IMAGES = 256  # reference images kept in memory for distillation
+
+
+def reference_logits(ctx: Context, loaded, recipe: Recipe):
+    """(images, parent logits, head) on the recipe's reference set, for KL distillation."""
+    from .evaluate import loader
+
+    if recipe.reference is None:
+        raise UsageError("apply.distill > 0 needs reference images", "set `reference: {path: ...}` in vepatch.yaml")
+    spec = recipe.reference
+    images = open_image_set(ctx.resolve(spec.path), None, spec.folders, spec.name or "reference", spec.max_per_class, recipe.seed)
+    images = images.subset(list(range(min(len(images), REFERENCE_IMAGES))))
+    ref_head = text_head(loaded, images.classnames, recipe.templates)
+    batches, logits = [], []
+    scale = loaded.model.logit_scale.exp().detach()
+    with torch.no_grad():
+        for x, _ in loader(images, loaded.preprocess, recipe.batch_size):
+            batches.append(x)
+            logits.append(scale * loaded.model.encode_image(x.to(ctx.device), normalize=True).float().cpu() @ ref_head.T)
+    return torch.cat(batches), torch.cat(logits), ref_head
 
 
 def _summary(masks: Optional[Masks], method: str, delta) -> dict[str, int]:

@@ -84,6 +84,7 @@ class Recipe:
     classes: list[str] = field(default_factory=list)  # target class names; errors/<folder> maps onto these
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # prompts; '{}' or '{c}' is the class
     shot_pool: DataSpec | None = None  # labelled target images for apply's shots and holdout
+    reference: DataSpec | None = None  # images to distill the parent on (used when apply.distill > 0)
     inbox: str = "inbox"  # where operators drop misclassified images (<class>/*.jpg), for `cycle`
     seed: int = 0  # one seed for sampling, masks and training
     batch_size: int = 64  # images per forward pass in eval and guard

@@ -1,0 +1,144 @@
+"""Compare patch methods on the workspace's own data: same shots, holdout, guard suites,
+loss and step budget; each apply runs in its own process (clean time and peak memory),
+evaluation runs here, paired against the parent."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from . import store
+from .delta import apply_delta, restore
+from .errors import VepatchError
+from .guard import mcnemar_p, predict_all
+from .patching import guard_suites
+from .records import PatchManifest
+from .session import Context
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    method: str
+    seed: int
+    candidate_id: str
+    trainable_params: int
+    patch_bytes: int
+    apply_seconds: float
+    peak_memory_mb: float
+    target_before: float
+    target_after: float
+    guard_change_pp: dict[str, float]  # suite -> after - before, percentage points
+    guard_p: dict[str, float]  # suite -> McNemar p
+
+    @property
+    def worst_guard_pp(self) -> float:
+        return min(self.guard_change_pp.values(), default=0.0)
+
+
+@dataclass(frozen=True)
+class BenchSummary:
+    method: str
+    seeds: int
+    target_after_mean: float
+    target_after_std: float
+    target_gain_pp_mean: float
+    guard_change_pp_mean: dict[str, float]
+    guard_change_pp_std: dict[str, float]
+    worst_guard_pp_mean: float
+    trainable_params: int
+    patch_bytes: int
+    apply_seconds_mean: float
+    peak_memory_mb_mean: float
+    pareto: bool  # no other method has both a higher target accuracy and a smaller worst guard drop
+
+
+def apply_in_subprocess(workspace: Path, method: str, seed: int, shots: int, extra: list[str]) -> PatchManifest:
+    from ._typed import from_plain
+
+    cmd = [sys.executable, "-m", "vepatch", "apply", "-C", str(workspace), "--method", method, "--seed", str(seed),
+           "--shots", str(shots), "--diagnosis", "none", "--json", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VEPATCH_BENCH": "1"})
+    if done.returncode != 0:
+        raise VepatchError(f"bench: apply --method {method} --seed {seed} failed: {done.stderr.strip().splitlines()[-1:]}",
+                           "run that apply by hand to see why")
+    return from_plain(PatchManifest, json.loads(done.stdout), strict=False)
+
+
+def run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, extra: Optional[list[str]] = None,
+              progress: Optional[Callable[[int, int], None]] = None) -> list[BenchRun]:
+    parent, version = ctx.model()
+    runs, total, step = [], len(methods) * len(seeds), 0
+    base_cache: dict[str, object] = {}
+    for seed in seeds:
+        for method in methods:
+            manifest = apply_in_subprocess(ctx.workspace.root, method, seed, shots, extra or [])
+            _, delta = store.read_candidate(ctx.workspace, manifest.candidate_id)
+            suites, _ = guard_suites(ctx, parent, manifest, version)
+            todo = [s for s in suites if s.role == "target" or s.name not in base_cache]
+            fresh = predict_all(parent, todo, ctx.recipe.batch_size, ctx.device)
+            base = {**{k: v for k, v in base_cache.items()}, **fresh}
+            base_cache.update({k: v for k, v in fresh.items() if k != "target-holdout"})
+            originals = apply_delta(parent.model, delta)
+            try:
+                after = predict_all(parent, suites, ctx.recipe.batch_size, ctx.device)
+            finally:
+                restore(parent.model, originals)
+            guards = [s.name for s in suites if s.role == "guard"]
+            runs.append(BenchRun(
+                method, seed, manifest.candidate_id, manifest.trainable_params, manifest.patch_bytes,
+                manifest.metrics["apply_seconds"], manifest.metrics["peak_memory_mb"],
+                base["target-holdout"].accuracy, after["target-holdout"].accuracy,
+                {g: 100 * (after[g].accuracy - base[g].accuracy) for g in guards},
+                {g: mcnemar_p(base[g].correct, after[g].correct) for g in guards},
+            ))
+            step += 1
+            if progress:
+                progress(step, total)
+    return runs
+
+
+def summarize(runs: list[BenchRun]) -> list[BenchSummary]:
+    methods = list(dict.fromkeys(r.method for r in runs))
+    rows = []
+    for m in methods:
+        rs = [r for r in runs if r.method == m]
+        suites = list(rs[0].guard_change_pp)
+        target = np.array([r.target_after for r in rs])
+        rows.append(BenchSummary(
+            m, len(rs), float(target.mean()), float(target.std()),
+            float(np.mean([100 * (r.target_after - r.target_before) for r in rs])),
+            {s: float(np.mean([r.guard_change_pp[s] for r in rs])) for s in suites},
+            {s: float(np.std([r.guard_change_pp[s] for r in rs])) for s in suites},
+            float(np.mean([r.worst_guard_pp for r in rs])),
+            rs[0].trainable_params, rs[0].patch_bytes,
+            float(np.mean([r.apply_seconds for r in rs])), float(np.mean([r.peak_memory_mb for r in rs])), False,
+        ))
+    front = []
+    for a in rows:
+        dominated = any(
+            b is not a and b.target_after_mean >= a.target_after_mean and b.worst_guard_pp_mean >= a.worst_guard_pp_mean
+            and (b.target_after_mean > a.target_after_mean or b.worst_guard_pp_mean > a.worst_guard_pp_mean)
+            for b in rows
+        )
+        front.append(BenchSummary(**{**a.__dict__, "pareto": not dominated}))
+    return front
+
+
+def markdown(rows: list[BenchSummary]) -> str:
+    suites = list(rows[0].guard_change_pp_mean) if rows else []
+    head = ["method", "target acc", "gain pp", *[f"{s} Δpp" for s in suites], "worst Δpp", "params", "bytes", "apply s", "peak MB", "Pareto"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.method, f"{100 * r.target_after_mean:.1f} ± {100 * r.target_after_std:.1f}", f"{r.target_gain_pp_mean:+.1f}",
+                 *[f"{r.guard_change_pp_mean[s]:+.1f} ± {r.guard_change_pp_std[s]:.1f}" for s in suites],
+                 f"{r.worst_guard_pp_mean:+.1f}", f"{r.trainable_params:,}", f"{r.patch_bytes:,}",
+                 f"{r.apply_seconds_mean:.0f}", f"{r.peak_memory_mb_mean:.0f}", "yes" if r.pareto else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
