@@ -101,7 +101,7 @@ def run_apply(ctx: Context, recipe: Recipe, diagnosis: str = "latest", progress:
         prompts = torch.stack([text_head(loaded, recipe.classes, [t]) for t in recipe.templates], dim=1)
     scale = loaded.model.logit_scale.exp().detach()
     reference = reference_logits(ctx, loaded, recipe) if spec.distill > 0 else None
-    stats = train(trainable, loaded.preprocess, shots, head, scale, spec, recipe.seed, ctx.device, prompts, reference, progress)
+    stats = train(trainable, train_preprocess(loaded, spec.augment_scale), shots, head, scale, spec, recipe.seed, ctx.device, prompts, reference, progress)
     delta = trainable.delta()
     del visual, trainable
 
@@ -142,6 +142,17 @@ def run_apply(ctx: Context, recipe: Recipe, diagnosis: str = "latest", progress:
                           trainable_params=manifest.trainable_params, patch_bytes=manifest.patch_bytes,
                           seconds=round(stats.seconds, 2))
     return manifest
+
+
+def train_preprocess(loaded, min_scale: float):
+    """open_clip's training transform (random resized crops) with the model's own normalization."""
+    if min_scale >= 1.0:
+        return loaded.preprocess
+    import open_clip
+
+    cfg = open_clip.get_model_preprocess_cfg(loaded.model)
+    return open_clip.image_transform(cfg["size"], is_train=True, mean=cfg["mean"], std=cfg["std"],
+                                     interpolation=cfg.get("interpolation"), aug_cfg={"scale": (min_scale, 1.0)})
 
 
 REFERENCE_IMAGES = 256  # reference images kept in memory for distillation

@@ -52,6 +52,12 @@ class DiagnoseSpec:
     control: str = "none"  # 'random': same budget at random places (the localization control)
 
 
+# Per-method learning rates (Adam), measured on the embedded default / textile (README, "Defaults").
+# Updating every weight of the tower wants a smaller step than a sparse or low-rank update.
+METHOD_LR = {"full": 1e-4}
+DEFAULT_LR = 1e-3
+
+
 @dataclass(frozen=True)
 class ApplySpec:
     method: str = "lorsu"  # lorsu | lorsu-random | lorsu-fc1 | lorsu-heads | lora | spu | full | ln
@@ -59,14 +65,19 @@ class ApplySpec:
     holdout_per_class: int = 0  # target holdout images per class; 0 = every pool image not used for shots
     epochs: int = 30  # passes over the shots
     batch_size: int = 16  # images per optimizer step
-    lr: float = 1e-3  # Adam learning rate (cosine decay to lr/10, stepped per step)
+    lr: float = 0.0  # Adam learning rate (cosine decay to lr/10, per step); 0 = the method's METHOD_LR
     rank: int = 8  # LoRA rank r for heads, projection and the `lora` baseline
     lora_alpha: float = 8.0  # LoRA alpha (scale alpha/r)
+    augment_scale: float = 0.5  # training crops: RandomResizedCrop with this minimum area share; 1.0 = no augmentation
     train_biases: bool = False  # also train fc1 and Q/K/V biases, unmasked (LoRSU's official code does)
     loss: str = "ce"  # 'ce': cross-entropy over the frozen class-text head; 'contrastive': CLIP loss, random templates
     l2: float = 0.0  # weight of the L2 penalty on the delta
     distill: float = 0.0  # weight of KL(parent || candidate) on reference images; 0 = off
     device: str = "auto"  # auto | cpu | cuda
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr or METHOD_LR.get(self.method, DEFAULT_LR)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def train(
     torch.manual_seed(seed)
     visual = trainable.visual.to(device).eval()  # eval: BatchNorm statistics never move
     head, scale = head.to(device), scale.to(device)
-    optimizer = torch.optim.Adam(trainable.params, lr=spec.lr)
+    optimizer = torch.optim.Adam(trainable.params, lr=spec.learning_rate)
     batches_per_epoch = math.ceil(len(shots) / spec.batch_size)
     total = spec.epochs * batches_per_epoch
     generator = torch.Generator().manual_seed(seed)
@@ -53,7 +53,7 @@ def train(
     for epoch in range(spec.epochs):
         for images, labels in loader(shots, preprocess, spec.batch_size, shuffle=True, seed=seed * 1000 + epoch):
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, spec.lr)
+                group["lr"] = lr_at(step, total, spec.learning_rate)
             images, labels = images.to(device), labels.to(device)
             with autocast:
                 features = visual(images)
