@@ -434,3 +434,46 @@ def bench(
     else:
         out.print(markdown(rows))
         out.print(f"written: {folder}")
+
+
+@command
+def cycle(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would happen; change nothing.")] = False,
+    wait: Annotated[float, typer.Option("--wait", help="Wait up to SECONDS for the workspace lock (default: exit 5 at once).")] = 0.0,
+    workspace: WorkspaceOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """One continual step for cron: inbox -> diagnose -> apply -> guard -> promote -> archive.
+
+    Exit 0 promoted, 3 refused (candidate and verdict kept), 4 nothing new, 5 locked, 1 error.
+    A cycle killed at any point is finished by the next one; no image is lost or used twice.
+
+    Example: vepatch cycle --json   (crontab: see examples/crontab)
+    """
+    from . import session
+    from .cycle import CycleReport, run_cycle
+
+    ctx = session.open_context(workspace, device=device)
+    ws = ctx.workspace
+    try:
+        with ws.lock(wait=wait):
+            report = run_cycle(ctx, dry_run=dry_run)
+    except Exception as exc:
+        exit_code = getattr(exc, "exit_code", 1)
+        status = {4: "nothing-new", 5: "locked"}.get(exit_code, "failed")
+        ws.log("cycle", status=status, exit_code=exit_code, reason=getattr(exc, "message", str(exc)))
+        if as_json:
+            emit_json(CycleReport("", status, 0, 0, "", "", getattr(exc, "message", str(exc))))
+        raise
+    code = {"promoted": 0, "refused": 3, "already-right": 0, "dry-run": 0}[report.status]
+    if not dry_run:
+        ws.log("cycle", status=report.status, exit_code=code, cycle=report.cycle_id, new_images=report.new_images,
+               candidate=report.candidate_id, version=report.version, resumed=report.resumed)
+    if as_json:
+        emit_json(report)
+    else:
+        out.print(f"cycle {report.cycle_id or '-'}: {report.status} — {report.new_images} new image(s), "
+                  f"{report.duplicates} seen before; {report.version or report.candidate_id or ''} {report.reason}")
+    if code:
+        raise typer.Exit(code)

@@ -18,6 +18,7 @@ from .fsio import append_line, write_text_atomic
 from .recipe import RECIPE_FILE, Recipe, dump_recipe, load_recipe
 
 STORE_DIR = ".vepatch"
+_HELD: dict[str, int] = {}  # workspace root -> lock depth held by this process
 SUBDIRS = ("candidates", "patches", "diagnoses")
 
 
@@ -63,7 +64,16 @@ class Workspace:
 
     @contextmanager
     def lock(self, wait: float = 0.0) -> Iterator[None]:
-        """Exclusive OS lock on .vepatch/lock: released by the kernel if the process dies."""
+        """Exclusive OS lock on .vepatch/lock: released by the kernel if the process dies.
+        Re-entrant within one process (a cycle holds it across diagnose, apply and guard)."""
+        key = str(self.root)
+        if _HELD.get(key):
+            _HELD[key] += 1
+            try:
+                yield
+            finally:
+                _HELD[key] -= 1
+            return
         fd = os.open(self.store / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + wait
         try:
@@ -80,8 +90,10 @@ class Workspace:
                     time.sleep(0.2)
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
+            _HELD[key] = 1
             yield
         finally:
+            _HELD.pop(key, None)
             os.close(fd)  # closing releases the lock
 
 

@@ -1,0 +1,101 @@
+"""`vepatch cycle`, the cron step: idempotent, crash-safe, locked."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiny
+from vepatch import store
+from vepatch.recipe import ApplySpec, DataSpec, GuardSpec, GuardSuite
+from vepatch.workspace import Workspace
+
+
+def _cycle_ws(make_workspace, bundle, tmp_path) -> Path:
+    pool = tiny.make_folder(tmp_path / "pool", 10, seed=5)
+    guard_set = tiny.make_folder(tmp_path / "guardset", 4, seed=9)
+    root = make_workspace(
+        bundle, shot_pool=DataSpec(path=str(pool), name="pool"),
+        apply=ApplySpec(shots=4, epochs=1, batch_size=6, rank=2, lora_alpha=2.0, augment_scale=1.0),
+        guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+                        min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]),
+    )
+    return root
+
+
+def _drop(root: Path, seed: int, per_class: int = 3) -> set[str]:
+    """Operators drop images into inbox/<class>/; returns their content hashes."""
+    from vepatch.cycle import file_sha256
+
+    folder = tiny.make_folder(root / "inbox", per_class, seed=seed)
+    return {file_sha256(p) for p in folder.glob("*/*.png")}
+
+
+def _run(root: Path, *args, fault: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "VEPATCH_FAULT_AT": fault} if fault else dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "vepatch", "cycle", "-C", str(root), "--json", *args],
+                          capture_output=True, text=True, env=env)
+
+
+def _archived_hashes(root: Path) -> list[str]:
+    from vepatch.cycle import file_sha256
+
+    return sorted(file_sha256(p) for p in (root / "archive").rglob("*.png"))
+
+
+def test_cycle_promotes_then_has_nothing_to_do(make_workspace, vit_bundle, tmp_path):
+    root = _cycle_ws(make_workspace, vit_bundle, tmp_path)
+    hashes = _drop(root, seed=1)
+    dry = _run(root, "--dry-run")
+    assert dry.returncode == 0 and json.loads(dry.stdout)["new_images"] == 9
+    done = _run(root)
+    report = json.loads(done.stdout)
+    assert done.returncode in (0, 3) and report["status"] in ("promoted", "refused", "already-right"), done.stderr
+    assert not list((root / "inbox").rglob("*.png")) and sorted(hashes) == _archived_hashes(root)
+    again = _run(root)
+    assert again.returncode == 4 and json.loads(again.stdout)["status"] == "nothing-new"
+    # the same images dropped again are recognized by content and archived, not reprocessed
+    _drop(root, seed=1)
+    assert _run(root).returncode == 4 and not list((root / "inbox").rglob("*.png"))
+    events = [json.loads(line)["event"] for line in (root / ".vepatch" / "log.jsonl").read_text().splitlines()]
+    assert events.count("cycle") == 3
+
+
+@pytest.mark.parametrize("fault", ["after-stage", "after-diagnose", "after-apply", "after-guard", "mid-archive"])
+def test_a_cycle_killed_anywhere_is_finished_by_the_next(make_workspace, vit_bundle, tmp_path, fault):
+    root = _cycle_ws(make_workspace, vit_bundle, tmp_path)
+    hashes = _drop(root, seed=2)
+    killed = _run(root, fault=fault)
+    assert killed.returncode == -9, killed.stderr  # a real SIGKILL
+    ws = Workspace(root)
+    verify = subprocess.run([sys.executable, "-m", "vepatch", "verify", "-C", str(root), "--json"], capture_output=True, text=True)
+    assert verify.returncode == 0 and json.loads(verify.stdout)["ok"], verify.stdout + verify.stderr
+    versions_after_kill = store.versions(ws)
+    resumed = _run(root)
+    assert resumed.returncode in (0, 3), resumed.stderr
+    report = json.loads(resumed.stdout)
+    assert report["resumed"]
+    # no image lost, none processed twice, at most one version for this batch
+    assert sorted(hashes) == _archived_hashes(root) and not list((root / "inbox").rglob("*.png"))
+    assert len(store.versions(ws)) <= 1 and set(versions_after_kill) <= set(store.versions(ws))
+    assert _run(root).returncode == 4
+
+
+def test_a_second_cycle_exits_5_while_one_holds_the_lock(make_workspace, vit_bundle, tmp_path):
+    root = _cycle_ws(make_workspace, vit_bundle, tmp_path)
+    _drop(root, seed=3)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from vepatch.workspace import Workspace\n"
+        "with Workspace(Path(sys.argv[1])).lock():\n    print('held', flush=True); time.sleep(30)"), str(root)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = _run(root)
+        assert second.returncode == 5 and "lock" in second.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _run(root).returncode in (0, 3)  # the kernel released the killed holder's lock

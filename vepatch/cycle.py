@@ -1,0 +1,196 @@
+"""One continual step, for cron: new images in the inbox -> diagnose -> apply -> guard ->
+promote or refuse -> move the images to a dated archive. Never deletes an image.
+
+Every step is recorded in .vepatch/cycles/<id>/state.json before the next starts, so a
+cycle killed at any point is finished by the next run: images stay in the inbox until the
+verdict is written, and the archive move is re-done from the recorded list.
+Already-seen images are recognized by content hash (.vepatch/seen.jsonl)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+from ._typed import from_plain, to_plain
+from .data import IMAGE_SUFFIXES
+from .errors import NothingToDo, UsageError
+from .fsio import append_line, write_text_atomic
+from .session import Context
+
+STEPS = ("staged", "diagnosed", "applied", "judged", "done")
+
+
+@dataclass(frozen=True)
+class InboxFile:
+    source: str  # path in the inbox, relative to the workspace
+    sha256: str
+    label: str  # the class folder it came in
+
+
+@dataclass(frozen=True)
+class CycleState:
+    cycle_id: str
+    step: str  # one of STEPS
+    files: list[InboxFile]
+    duplicates: list[InboxFile] = field(default_factory=list)
+    candidate_id: str = ""
+    accepted: bool = False
+    version: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CycleReport:
+    cycle_id: str
+    status: str  # promoted | refused | nothing-new | already-right | dry-run
+    new_images: int
+    duplicates: int
+    candidate_id: str
+    version: str
+    reason: str
+    resumed: bool = False
+
+
+def fault_point(name: str) -> None:
+    """Tests kill a real cycle here: VEPATCH_FAULT_AT=<name> sends SIGKILL to this process."""
+    if os.environ.get("VEPATCH_FAULT_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def seen_hashes(ctx: Context) -> set[str]:
+    path = ctx.workspace.store / "seen.jsonl"
+    if not path.is_file():
+        return set()
+    return {json.loads(line)["sha256"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def scan_inbox(ctx: Context) -> tuple[list[InboxFile], list[InboxFile]]:
+    """(new, already seen) image files in inbox/<class>/; links leading outside are ignored."""
+    inbox = ctx.resolve(ctx.recipe.inbox)
+    if not inbox.is_dir():
+        return [], []
+    root, seen, new, dup, batch = ctx.workspace.root, seen_hashes(ctx), [], [], set()
+    for f in sorted(inbox.glob("*/*")):
+        if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES or not f.resolve().is_relative_to(inbox.resolve()):
+            continue
+        entry = InboxFile(str(f.relative_to(root)), file_sha256(f), f.parent.name)
+        (dup if entry.sha256 in seen or entry.sha256 in batch else new).append(entry)
+        batch.add(entry.sha256)
+    return new, dup
+
+
+def _state_path(ctx: Context, cycle_id: str) -> Path:
+    return ctx.workspace.store / "cycles" / cycle_id / "state.json"
+
+
+def save_state(ctx: Context, state: CycleState) -> None:
+    write_text_atomic(_state_path(ctx, state.cycle_id), json.dumps(to_plain(state), indent=2))
+
+
+def unfinished(ctx: Context) -> Optional[CycleState]:
+    folder = ctx.workspace.store / "cycles"
+    for path in sorted(folder.glob("*/state.json"), reverse=True) if folder.is_dir() else []:
+        state = from_plain(CycleState, json.loads(path.read_text()), strict=False)
+        if state.step != "done":
+            return state
+    return None
+
+
+def run_cycle(ctx: Context, dry_run: bool = False) -> CycleReport:
+    """One step; the caller holds the workspace lock."""
+    from .patching import run_apply, run_guard
+    from .session import run_diagnose
+
+    state = unfinished(ctx)
+    resumed = state is not None
+    if state is None:
+        new, dup = scan_inbox(ctx)
+        if dry_run:
+            return CycleReport("", "dry-run", len(new), len(dup), "", "",
+                               f"would diagnose, apply and guard {len(new)} new image(s)" if new else "nothing new")
+        if not new:
+            if dup:
+                _archive(ctx, CycleState("dups-" + _utc(), "judged", [], dup))
+            raise NothingToDo(f"{ctx.resolve(ctx.recipe.inbox)}: no new image", "operators drop misclassified images into inbox/<class>/")
+        state = CycleState(_utc(), "staged", new, dup)
+        _stage(ctx, state)
+        save_state(ctx, state)
+    elif dry_run:
+        return CycleReport(state.cycle_id, "dry-run", len(state.files), len(state.duplicates), state.candidate_id,
+                           state.version, f"would resume the unfinished cycle at step '{state.step}'", True)
+    fault_point("after-stage")
+    errors_dir = _state_path(ctx, state.cycle_id).parent / "errors"
+
+    if state.step == "staged":
+        try:
+            run_diagnose(ctx, errors_dir, {})
+        except NothingToDo as exc:  # every new image is already classified right
+            state = dataclasses.replace(state, step="judged", reason=exc.message)
+            save_state(ctx, state)
+        else:
+            state = dataclasses.replace(state, step="diagnosed")
+            save_state(ctx, state)
+        fault_point("after-diagnose")
+    if state.step == "diagnosed":
+        manifest = run_apply(ctx, ctx.recipe, "latest")
+        state = dataclasses.replace(state, step="applied", candidate_id=manifest.candidate_id)
+        save_state(ctx, state)
+        fault_point("after-apply")
+    if state.step == "applied":
+        report = run_guard(ctx, state.candidate_id, None)
+        state = dataclasses.replace(state, step="judged", accepted=report.accepted, version=report.version, reason=report.reason)
+        save_state(ctx, state)
+        fault_point("after-guard")
+    _archive(ctx, state)
+    status = "promoted" if state.accepted else ("refused" if state.candidate_id else "already-right")
+    return CycleReport(state.cycle_id, status, len(state.files), len(state.duplicates), state.candidate_id,
+                       state.version, state.reason, resumed)
+
+
+def _stage(ctx: Context, state: CycleState) -> None:
+    """Copy the new images (by hash) into the cycle's own errors/ folder: diagnose reads that."""
+    errors = _state_path(ctx, state.cycle_id).parent / "errors"
+    for f in state.files:
+        src = ctx.workspace.root / f.source
+        target = errors / f.label / (f.sha256[:16] + src.suffix.lower())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+
+
+def _archive(ctx: Context, state: CycleState) -> None:
+    """Move the cycle's inbox files to archive/<date>/<class>/ (idempotent), then mark done."""
+    root = ctx.workspace.root
+    dest = root / "archive" / state.cycle_id[:8]
+    seen_path = ctx.workspace.store / "seen.jsonl"
+    recorded = seen_hashes(ctx)
+    for i, f in enumerate([*state.files, *state.duplicates]):
+        src = root / f.source
+        target = dest / f.label / src.name
+        if src.is_file():
+            if target.exists() and file_sha256(target) != f.sha256:
+                target = target.with_name(f"{target.stem}-{f.sha256[:8]}{target.suffix}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, target)
+        if f.sha256 not in recorded:
+            append_line(seen_path, {"sha256": f.sha256, "archived": str(target.relative_to(root)), "cycle": state.cycle_id})
+            recorded.add(f.sha256)
+        if i == 0:
+            fault_point("mid-archive")
+    if state.files:
+        save_state(ctx, dataclasses.replace(state, step="done"))
+
+
+def _utc() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
