@@ -99,3 +99,41 @@ def test_a_second_cycle_exits_5_while_one_holds_the_lock(make_workspace, vit_bun
         holder.kill()
         holder.wait()
     assert _run(root).returncode in (0, 3)  # the kernel released the killed holder's lock
+
+
+def test_five_round_stream_keeps_every_accepted_fix(make_workspace, vit_bundle, tmp_path):
+    """LoRSU's protocol on the tiny model: one class group per round; each accepted round's
+    holdout joins the guards, so at the end every fix is still there (within 1 pp)."""
+    from typer.testing import CliRunner
+
+    from vepatch.cli import app
+    from vepatch.records import GuardReport, read_record
+
+    stream = tmp_path / "stream"
+    groups = [["red square"], ["green circle"], ["blue stripes"], ["red square"], ["green circle"]]
+    for r, group in enumerate(groups, 1):
+        for part, n, seed in (("pool", 10, 100 + r), ("errors", 3, 200 + r)):
+            folder = tiny.make_folder(tmp_path / "tmp" / f"{r}{part}", n, seed=seed)
+            for name in group:
+                (stream / f"r{r}" / part).mkdir(parents=True, exist_ok=True)
+                (folder / name.replace(" ", "_")).rename(stream / f"r{r}" / part / name.replace(" ", "_"))
+    guard_set = tiny.make_folder(tmp_path / "guardset", 4, seed=9)
+    root = make_workspace(
+        vit_bundle, apply=ApplySpec(shots=4, epochs=3, batch_size=4, rank=2, lora_alpha=2.0, augment_scale=1.0),
+        guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+                        min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, alpha=1.01),  # every drop counts
+    )
+    result = CliRunner().invoke(app, ["cycle", "--stream", str(stream), "-C", str(root), "--json"])
+    assert result.exit_code == 0, result.output
+    rounds = json.loads(result.stdout)["rounds"]
+    assert [r["round"] for r in rounds] == ["start", "r1", "r2", "r3", "r4", "r5"]
+    final = rounds[-1]
+    ws = Workspace(root)
+    assert len(store.versions(ws)) >= 2  # several fixes were accepted along the way
+    for v in store.chain(ws, final["version"]):
+        report = read_record(GuardReport, store.version_dir(ws, v) / "guard.json")
+        at_acceptance = next(s.after for t in report.trials if t.strength == report.strength for s in t.suites if s.role == "target")
+        now = next(acc for k, acc in final["target_accuracy"].items() if k.startswith(f"{v}:"))
+        assert now >= at_acceptance - 0.01, (v, now, at_acceptance)
+    chain_files = [store.version_dir(ws, v) / "patch.safetensors" for v in store.chain(ws, final["version"])]
+    assert final["chain_bytes"] == sum(f.stat().st_size for f in chain_files)

@@ -378,6 +378,24 @@ def verify(
         raise typer.Exit(1)
 
 
+def _stream(ctx, stream: Path, wait: float, as_json: bool) -> None:
+    from .cycle import measure_head, run_stream_round, stream_rounds
+    from .render import stream_table
+
+    rounds = []
+    with ctx.workspace.lock(wait=wait):
+        rounds.append(measure_head(ctx, "start", "-"))
+        for round_dir in stream_rounds(ctx.resolve(stream)):
+            rounds.append(run_stream_round(ctx, round_dir))
+            ctx.workspace.log("stream-round", round=round_dir.name, status=rounds[-1].status, version=rounds[-1].version)
+            if not as_json:
+                err.print(f"round {round_dir.name}: {rounds[-1].status}, HEAD {rounds[-1].version}")
+    if as_json:
+        emit_json({"rounds": rounds})
+    else:
+        out.print(stream_table(rounds))
+
+
 def _progress(label: str):
     """A rich progress bar on a terminal; nothing when piped. Yields advance(step, total)."""
     import contextlib
@@ -440,6 +458,7 @@ def bench(
 def cycle(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would happen; change nothing.")] = False,
     wait: Annotated[float, typer.Option("--wait", help="Wait up to SECONDS for the workspace lock (default: exit 5 at once).")] = 0.0,
+    stream: Annotated[Optional[Path], typer.Option("--stream", help="Measure: run one cycle per round of STREAM/<round>/{pool,errors}/.")] = None,
     workspace: WorkspaceOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
@@ -456,6 +475,8 @@ def cycle(
 
     ctx = session.open_context(workspace, device=device)
     ws = ctx.workspace
+    if stream is not None:
+        return _stream(ctx, stream, wait, as_json)
     try:
         with ws.lock(wait=wait):
             report = run_cycle(ctx, dry_run=dry_run)

@@ -76,9 +76,18 @@ def seen_hashes(ctx: Context) -> set[str]:
     return {json.loads(line)["sha256"] for line in path.read_text().splitlines() if line.strip()}
 
 
+def inbox_dir(ctx: Context) -> Path:
+    """The inbox must lie inside the workspace: cycle moves files out of it."""
+    inbox = ctx.resolve(ctx.recipe.inbox).resolve()
+    if not inbox.is_relative_to(ctx.workspace.root.resolve()):
+        raise UsageError(f"{ctx.workspace.recipe_path}: inbox '{ctx.recipe.inbox}' is outside the workspace",
+                         "use a folder inside the workspace (default: inbox)")
+    return inbox
+
+
 def scan_inbox(ctx: Context) -> tuple[list[InboxFile], list[InboxFile]]:
     """(new, already seen) image files in inbox/<class>/; links leading outside are ignored."""
-    inbox = ctx.resolve(ctx.recipe.inbox)
+    inbox = inbox_dir(ctx)
     if not inbox.is_dir():
         return [], []
     root, seen, new, dup, batch = ctx.workspace.root, seen_hashes(ctx), [], [], set()
@@ -123,7 +132,7 @@ def run_cycle(ctx: Context, dry_run: bool = False) -> CycleReport:
         if not new:
             if dup:
                 _archive(ctx, CycleState("dups-" + _utc(), "judged", [], dup))
-            raise NothingToDo(f"{ctx.resolve(ctx.recipe.inbox)}: no new image", "operators drop misclassified images into inbox/<class>/")
+            raise NothingToDo(f"{inbox_dir(ctx)}: no new image", "operators drop misclassified images into inbox/<class>/")
         state = CycleState(_utc(), "staged", new, dup)
         _stage(ctx, state)
         save_state(ctx, state)
@@ -194,3 +203,72 @@ def _archive(ctx: Context, state: CycleState) -> None:
 
 def _utc() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+# --- stream mode: LoRSU's continual protocol ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamRound:
+    round: str
+    status: str
+    version: str  # HEAD after the round
+    target_accuracy: dict[str, float]  # every accepted target holdout so far -> HEAD's accuracy
+    guard_accuracy: dict[str, float]  # every guard suite -> HEAD's accuracy
+    chain_bytes: int  # total size of the patch files from base to HEAD
+
+
+def stream_rounds(stream: Path) -> list[Path]:
+    """stream/<round>/{pool,errors}/<class>/*: one class group per round, in name order."""
+    rounds = sorted(d for d in stream.iterdir() if (d / "pool").is_dir() and (d / "errors").is_dir())
+    if not rounds:
+        raise UsageError(f"{stream}: no rounds", "lay out <stream>/<round>/pool/<class>/ and <stream>/<round>/errors/<class>/")
+    return rounds
+
+
+def run_stream_round(ctx: Context, round_dir: Path) -> StreamRound:
+    """Drop the round's errors in the inbox, run one cycle with the round's pool as shot pool,
+    then measure HEAD on every target holdout accepted so far and on every guard suite."""
+    from .recipe import DataSpec
+
+    inbox = inbox_dir(ctx)
+    for f in sorted((round_dir / "errors").glob("*/*")):
+        target = inbox / f.parent.name / f"{round_dir.name}-{f.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, target)
+    pool = DataSpec(path=str((round_dir / "pool").resolve()), name=round_dir.name)
+    round_ctx = dataclasses.replace(ctx, recipe=dataclasses.replace(ctx.recipe, shot_pool=pool), _models={})
+    try:
+        status = run_cycle(round_ctx).status
+    except NothingToDo:
+        status = "nothing-new"
+    return measure_head(round_ctx, round_dir.name, status)
+
+
+def measure_head(ctx: Context, name: str, status: str) -> StreamRound:
+    from . import store
+    from .data import open_image_set
+    from .evaluate import predict
+    from .heads import text_head
+    from .patching import holdout_set
+
+    ws = ctx.workspace
+    version = store.head(ws)
+    loaded, _ = ctx.model(version)
+    targets = {}
+    chain = store.chain(ws, version) if version != "base" else []
+    for v in chain:
+        ref = store.read_manifest(ws, v).holdout
+        images = holdout_set(ref)
+        targets[f"{v}:{ref.name}"] = predict(
+            loaded, text_head(loaded, images.classnames, ref.templates), images, ctx.recipe.batch_size, ctx.device).accuracy
+    guards = {}
+    for spec in ctx.recipe.guard.suites:
+        path = ctx.resolve(spec.path)
+        if not path.is_dir():
+            continue
+        images = open_image_set(path, spec.classes or None, spec.folders, spec.name or path.name, spec.max_per_class, ctx.recipe.seed)
+        guards[images.name] = predict(loaded, text_head(loaded, images.classnames, spec.templates), images,
+                                      ctx.recipe.batch_size, ctx.device).accuracy
+    size = sum((store.version_dir(ws, v) / store.PATCH_FILE).stat().st_size for v in chain)
+    return StreamRound(name, status, version, targets, guards, size)

@@ -44,6 +44,13 @@ def image_logits(loaded: LoadedModel, head: torch.Tensor, images: torch.Tensor) 
 
 
 def predict(loaded: LoadedModel, head: torch.Tensor, image_set: ImageSet, batch_size: int = 64, device: str = "cpu") -> Predictions:
+    """Per-example predictions; on CUDA out of memory, retried with half the batch."""
+    from .oom import retry_on_oom
+
+    return retry_on_oom(lambda bs: _predict(loaded, head, image_set, bs, device), batch_size, f"evaluating {image_set.name}")
+
+
+def _predict(loaded: LoadedModel, head: torch.Tensor, image_set: ImageSet, batch_size: int, device: str) -> Predictions:
     model = loaded.model.to(device).eval()
     labels, preds = [], []
     for images, y in loader(image_set, loaded.preprocess, batch_size):

@@ -101,7 +101,14 @@ def run_apply(ctx: Context, recipe: Recipe, diagnosis: str = "latest", progress:
         prompts = torch.stack([text_head(loaded, recipe.classes, [t]) for t in recipe.templates], dim=1)
     scale = loaded.model.logit_scale.exp().detach()
     reference = reference_logits(ctx, loaded, recipe) if spec.distill > 0 else None
-    stats = train(trainable, train_preprocess(loaded, spec.augment_scale), shots, head, scale, spec, recipe.seed, ctx.device, prompts, reference, progress)
+    from .oom import retry_on_oom
+
+    def attempt(batch_size: int):
+        trainable.reset()  # a retry starts from the parent again
+        return train(trainable, train_preprocess(loaded, spec.augment_scale), shots, head, scale,
+                     dataclasses.replace(spec, batch_size=batch_size), recipe.seed, ctx.device, prompts, reference, progress)
+
+    stats = retry_on_oom(attempt, spec.batch_size, f"apply --method {spec.method}")
     delta = trainable.delta()
     del visual, trainable
 
@@ -127,7 +134,7 @@ def run_apply(ctx: Context, recipe: Recipe, diagnosis: str = "latest", progress:
         masks={k: int(v) for k, v in sorted(_summary(masks, spec.method, delta).items())},
         seed=recipe.seed,
         shots_hash=shots.content_hash(),
-        holdout=HoldoutRef("target-holdout", list(pool.classnames), list(recipe.templates),
+        holdout=HoldoutRef(pool.name, list(pool.classnames), list(recipe.templates),
                            [s.source for s in holdout.samples], holdout.labels),
         diagnosis=diagnosis_file,
         recipe=to_plain(recipe),

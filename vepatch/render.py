@@ -104,3 +104,15 @@ def show_tables(manifest, report) -> list[Table]:
                  ("verdict", "-" if report is None else ("accepted" if report.accepted else "refused") + f": {report.reason}")]:
         info.add_row(k, v)
     return [t, info] + (guard_tables(report) if report else [])
+
+
+def stream_table(rounds) -> Table:
+    targets = list(dict.fromkeys(k for r in rounds for k in r.target_accuracy))
+    guards = list(dict.fromkeys(k for r in rounds for k in r.guard_accuracy))
+    t = Table(title="continual rounds: HEAD after each round")
+    for col in ("round", "status", "HEAD", *targets, *guards, "chain bytes"):
+        t.add_column(col)
+    for r in rounds:
+        t.add_row(r.round, r.status, r.version, *[pct(r.target_accuracy[k]) if k in r.target_accuracy else "-" for k in targets],
+                  *[pct(r.guard_accuracy.get(k, 0)) for k in guards], f"{r.chain_bytes:,}")
+    return t

@@ -69,6 +69,18 @@ class Trainable:
         self.summary[full_name] = rank * (allowed + cols)
 
     @torch.no_grad()
+    def reset(self) -> None:
+        """Back to the parent: masked params restored, low-rank `up` factors zeroed (peft's
+        B factors likewise), so a retry starts where the first attempt did."""
+        for p, original, _ in self.masked.values():
+            p.copy_(original)
+        for change in self.lowrank.values():
+            change.up.zero_()
+        for name, p in self.visual.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+
+    @torch.no_grad()
     def after_step(self) -> None:
         for p, original, mask in self.masked.values():
             if mask is not None:
