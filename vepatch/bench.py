@@ -142,3 +142,37 @@ def markdown(rows: list[BenchSummary]) -> str:
                  f"{r.apply_seconds_mean:.0f}", f"{r.peak_memory_mb_mean:.0f}", "yes" if r.pareto else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[BenchRun], rows: list[BenchSummary], path: Path) -> Path:
+    """bench.png: target gain vs worst guard change, one point per method and seed; the
+    methods on the Pareto front are named in bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    front = {r.method for r in rows if r.pareto}
+    colours = plt.get_cmap("tab10")
+    for i, method in enumerate(dict.fromkeys(r.method for r in runs)):
+        rs = [r for r in runs if r.method == method]
+        xs = [r.worst_guard_pp for r in rs]
+        ys = [100 * (r.target_after - r.target_before) for r in rs]
+        ax.scatter(xs, ys, color=colours(i % 10), label=method, s=40, edgecolor="black" if method in front else "none")
+        ax.annotate(method, (np.mean(xs), np.mean(ys)), fontsize=8, xytext=(4, 4), textcoords="offset points",
+                    fontweight="bold" if method in front else "normal")
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.axvline(-1, color="red", lw=0.8, ls="--", label="guard bar (-1 pp)")
+    ax.set_xlabel("worst guard-suite change (pp)   <- forgets more")
+    ax.set_ylabel("target-holdout gain (pp)")
+    ax.set_title("patch methods: target gain vs retention (one point per seed)")
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

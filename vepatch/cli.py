@@ -425,7 +425,8 @@ def bench(
 ):
     """Compare patch methods on this workspace's data: same shots, holdout, guards, loss and budget.
 
-    Writes .vepatch/bench/<utc>/bench.json and bench.md. Candidates stay in candidates/.
+    Writes .vepatch/bench/<utc>/bench.json, bench.md and bench.png (target gain vs worst guard
+    change, one point per method and seed). Candidates stay in candidates/.
 
     Example: vepatch bench --methods lorsu,lora,full --seeds 3
     """
@@ -433,7 +434,7 @@ def bench(
 
     from . import session
     from ._typed import to_plain
-    from .bench import markdown, run_bench, summarize
+    from .bench import markdown, plot, run_bench, summarize
     from .fsio import write_text_atomic
 
     ctx = session.open_context(workspace, device=device)
@@ -446,6 +447,7 @@ def bench(
     result = {"runs": to_plain(runs), "summary": to_plain(rows), "device": ctx.device}
     write_text_atomic(folder / "bench.json", json.dumps(result, indent=2))
     write_text_atomic(folder / "bench.md", markdown(rows))
+    plot(runs, rows, folder / "bench.png")
     ctx.workspace.log("bench", folder=str(folder), methods=chosen, seeds=seeds)
     if as_json:
         emit_json({**result, "folder": str(folder)})

@@ -1,0 +1,38 @@
+import json
+
+from typer.testing import CliRunner
+
+import tiny
+from vepatch.bench import BenchRun, summarize
+from vepatch.cli import app
+from vepatch.recipe import ApplySpec, DataSpec, GuardSpec, GuardSuite
+
+
+def _run(method, seed, after, worst):
+    return BenchRun(method, seed, "c", 10, 100, 1.0, 1.0, 0.2, after, {"g": worst}, {"g": 1.0})
+
+
+def test_pareto_front_is_the_undominated_methods():
+    rows = summarize([_run("a", 0, 0.8, -0.1), _run("b", 0, 0.7, -2.0), _run("c", 0, 0.6, 0.0), _run("d", 0, 0.9, -3.0)])
+    front = {r.method for r in rows if r.pareto}
+    assert front == {"a", "c", "d"}  # b is worse than a on both axes
+    a = next(r for r in rows if r.method == "a")
+    assert abs(a.target_gain_pp_mean - 60.0) < 1e-9 and a.worst_guard_pp_mean == -0.1
+
+
+def test_bench_writes_json_markdown_and_plot(make_workspace, vit_bundle, tmp_path):
+    pool = tiny.make_folder(tmp_path / "pool", 8, seed=5)
+    guard_set = tiny.make_folder(tmp_path / "guardset", 3, seed=9)
+    root = make_workspace(vit_bundle, shot_pool=DataSpec(path=str(pool)),
+                          apply=ApplySpec(shots=3, epochs=1, augment_scale=1.0),
+                          guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours")]))
+    result = CliRunner().invoke(app, ["bench", "-C", str(root), "--methods", "lorsu,ln", "--seeds", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [(r["method"], r["seed"]) for r in out["runs"]] == [("lorsu", 0), ("ln", 0), ("lorsu", 1), ("ln", 1)]
+    assert {r["method"] for r in out["summary"]} == {"lorsu", "ln"}
+    assert all(r["peak_memory_mb"] > 0 and r["apply_seconds"] > 0 for r in out["runs"])
+    folder = root / ".vepatch" / "bench"
+    (run_dir,) = list(folder.iterdir())
+    assert (run_dir / "bench.md").read_text().startswith("| method")
+    assert (run_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
