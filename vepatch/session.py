@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 from .data import ImageSet, open_image_set
 from .errors import UsageError
 from .models import LoadedModel, load_model, resolve_device
-from .recipe import Recipe, with_overrides
+from .recipe import DEFAULT_TEMPLATES, Recipe, with_overrides
 from .workspace import Workspace, find_workspace
 
 
@@ -99,7 +99,7 @@ def set_and_templates(ctx: Context, data: Path, templates: Optional[Sequence[str
     keys = {c.lower() for c in recipe.classes}
     if recipe.classes and all(c.lower() in keys for c in own.classnames):
         return open_target_set(ctx, resolved, data.name), list(templates or recipe.templates)
-    return own, list(templates or recipe.templates)
+    return own, list(templates or DEFAULT_TEMPLATES)  # the recipe's prompts are for its own classes
 
 
 def evaluate_set(ctx: Context, data: Path, version: Optional[str] = None, templates=None, batch_size=None):
