@@ -71,7 +71,9 @@ class Delta:
     def to_bytes(self) -> bytes:
         from safetensors.torch import save
 
-        return save(self.tensors, metadata={"format": "vepatch-delta", "schema_version": "1"})
+        # one metadata key: safetensors keeps metadata in a hash map whose order varies per
+        # process, and the same seed must give the same patch bytes
+        return save(self.tensors, metadata={"format": "vepatch-delta/1"})
 
     @classmethod
     def from_file(cls, path: Path) -> "Delta":
