@@ -52,8 +52,8 @@ class DiagnoseSpec:
     control: str = "none"  # 'random': same budget at random places (the localization control)
 
 
-# Per-method learning rates (Adam), measured on the embedded default / textile (README, "Defaults").
-# Updating every weight of the tower wants a smaller step than a sparse or low-rank update.
+# Per-method learning rates (Adam). DEFAULT_LR was chosen by measurement (README, "Defaults");
+# `full` gets a smaller step for a dense update of every weight (not tuned).
 METHOD_LR = {"full": 1e-4}
 DEFAULT_LR = 1e-3
 
