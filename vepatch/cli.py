@@ -364,7 +364,7 @@ def verify(
 
     ctx = session.open_context(workspace)
     spec = ctx.recipe.model
-    problems = store.verify(ctx.workspace, load_model(spec.ref, ctx._pretrained(), spec.online))
+    problems = store.verify(ctx.workspace, load_model(spec.ref, ctx.pretrained_path(), spec.online))
     left = [str(p) for p in store.leftovers(ctx.workspace)]
     if as_json:
         emit_json({"ok": not problems, "problems": problems, "leftover_temp": left})

@@ -24,7 +24,7 @@ class Context:
     def base(self) -> LoadedModel:
         if "base" not in self._models:
             spec = self.recipe.model
-            self._models["base"] = load_model(spec.ref, self._pretrained(), online=spec.online)
+            self._models["base"] = load_model(spec.ref, self.pretrained_path(), online=spec.online)
         return self._models["base"]
 
     def base_fingerprint(self) -> str:
@@ -41,7 +41,7 @@ class Context:
             return self.base(), name
         if self.workspace is None:
             raise UsageError(f"'{name}' needs a workspace", "run inside a workspace or pass -C DIR")
-        fresh = load_model(self.recipe.model.ref, self._pretrained(), online=self.recipe.model.online)
+        fresh = load_model(self.recipe.model.ref, self.pretrained_path(), online=self.recipe.model.online)
         if store.VERSION_RE.match(name):
             loaded = store.apply_version(self.workspace, fresh, name)
         else:
@@ -55,7 +55,7 @@ class Context:
         self._models[name] = loaded
         return loaded, name
 
-    def _pretrained(self) -> str:
+    def pretrained_path(self) -> str:
         spec = self.recipe.model
         return str(self.workspace.resolve(spec.pretrained)) if spec.pretrained and self.workspace else spec.pretrained
 
