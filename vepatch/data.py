@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import DataError, UsageError
+from .records import SkippedFile
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MAX_PIXELS = 64_000_000  # larger images are refused as decompression bombs
@@ -31,12 +32,6 @@ class Sample:
     label: int  # index into the set's classnames
 
 
-@dataclass(frozen=True)
-class Skipped:
-    source: str
-    reason: str
-
-
 @dataclass
 class ImageSet:
     """A labelled set: what was readable (`samples`) and what was not (`skipped`)."""
@@ -45,7 +40,7 @@ class ImageSet:
     root: str
     classnames: list[str]
     samples: list[Sample]
-    skipped: list[Skipped] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
     dataset: Any = None  # the `datasets.Dataset` behind '#row' sources, if any
     image_column: str = "image"
 
@@ -200,15 +195,15 @@ def _open_folder(root: Path, classnames, folders: dict[str, str], name: str) -> 
             if f.is_dir() or f.name.startswith("."):
                 continue
             if not f.resolve().is_relative_to(root_real):
-                skipped.append(Skipped(str(f), "symlink leading outside the set's folder"))
+                skipped.append(SkippedFile(str(f), "symlink leading outside the set's folder"))
                 continue
             if f.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped.append(Skipped(str(f), f"not an image file ('{f.suffix or f.name}')"))
+                skipped.append(SkippedFile(str(f), f"not an image file ('{f.suffix or f.name}')"))
                 continue
             try:
                 read_image(f)
             except BadImage as exc:
-                skipped.append(Skipped(str(f), str(exc)))
+                skipped.append(SkippedFile(str(f), str(exc)))
                 continue
             samples.append(Sample(str(f), label))
     return ImageSet(name, str(root), classnames, samples, skipped)

@@ -30,11 +30,11 @@ class Delta:
     def params(self) -> list[str]:
         return sorted({k.split("#", 1)[0] for k in self.tensors})
 
-    def add_sparse(self, name: str, change: torch.Tensor) -> None:
-        flat = change.reshape(-1)
-        index = torch.nonzero(flat, as_tuple=False).reshape(-1)
+    def add_sparse(self, name: str, change: torch.Tensor, mask: torch.Tensor) -> None:
+        """The entries of `change` that `mask` allows (all of them, zeros included)."""
+        index = torch.nonzero(mask.reshape(-1)).reshape(-1)
         self.tensors[f"{name}#sparse.index"] = index.to(torch.int64).contiguous()
-        self.tensors[f"{name}#sparse.value"] = flat[index].contiguous()
+        self.tensors[f"{name}#sparse.value"] = change.reshape(-1)[index].contiguous()
 
     def add_lowrank(self, name: str, up: torch.Tensor, down: torch.Tensor) -> None:
         self.tensors[f"{name}#lowrank.up"] = up.contiguous()

@@ -29,7 +29,7 @@ from .errors import NothingToDo, UsageError
 from .evaluate import loader, predict
 from .losses import ce_loss, zero_shot_logits
 from .models import LoadedModel
-from .records import BlockScore, Confusion, Diagnosis, Locus, SkippedFile
+from .records import BlockScore, Confusion, Diagnosis, Locus
 from .towers import Tower, describe_tower
 
 
@@ -209,7 +209,7 @@ def diagnose(
         selected_params=masks.selected_entries + sum(
             len(h) * (3 * _width(grads[n]) // tower.num_heads) * _width(grads[n]) for n, h in masks.heads.items()
         ),
-        skipped=[SkippedFile(s.source, s.reason) for s in errors.skipped],
+        skipped=list(errors.skipped),
     )
     return diagnosis, masks
 

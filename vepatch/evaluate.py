@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from .data import ImageSet, TorchImages
 from .models import LoadedModel
-from .records import EvalReport, SkippedFile
+from .records import EvalReport
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,6 @@ def loader(image_set: ImageSet, preprocess, batch_size: int, shuffle: bool = Fal
         TorchImages(image_set, preprocess), batch_size=batch_size, shuffle=shuffle,
         num_workers=workers, generator=generator, persistent_workers=False,
     )
-
-
-@torch.no_grad()
-def image_logits(loaded: LoadedModel, head: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Zero-shot logits: scale * normalized image features . class embeddings."""
-    features = loaded.model.encode_image(images, normalize=True)
-    return loaded.model.logit_scale.exp() * features.float() @ head.to(features.device).T
 
 
 def predict(loaded: LoadedModel, head: torch.Tensor, image_set: ImageSet, batch_size: int = 64, device: str = "cpu") -> Predictions:
@@ -79,5 +72,5 @@ def report(predictions: Predictions, image_set: ImageSet, version: str) -> EvalR
         per_class_recall=[float(r) for r in recall],
         per_class_n=[int(n) for n in per_n],
         confusion=confusion.tolist(),
-        skipped=[SkippedFile(s.source, s.reason) for s in image_set.skipped],
+        skipped=list(image_set.skipped),
     )

@@ -52,11 +52,6 @@ def compute_text_head(loaded: LoadedModel, classnames: Sequence[str], templates:
     return weights.T.contiguous().float().cpu()
 
 
-def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
-    """All prompts per class, for the contrastive loss's random template choice."""
-    return [[t.format(c) for t in normalize_templates(templates)] for c in classnames]
-
-
 def _head_key(*parts) -> str:
     return hashlib.sha256(json.dumps([list(p) if not isinstance(p, str) else p for p in parts]).encode()).hexdigest()[:32]
 

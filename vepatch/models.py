@@ -41,10 +41,6 @@ class LoadedModel:
     ref: str  # the reference it was loaded from, as the user wrote it
     fingerprint: str  # sha256 over the vision tower's tensors
 
-    @property
-    def visual(self) -> nn.Module:
-        return self.model.visual
-
 
 def load_model(ref: str = DEFAULT_REF, pretrained: str = "", online: bool = False) -> LoadedModel:
     """Load a base model by reference; nothing is downloaded unless `online`."""

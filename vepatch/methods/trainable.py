@@ -104,10 +104,7 @@ class Trainable:
             if mask is None:
                 out.add_dense(name, change)
             else:
-                flat_mask = mask.reshape(-1).cpu()
-                index = torch.nonzero(flat_mask).reshape(-1)
-                out.tensors[f"{name}#sparse.index"] = index.contiguous()
-                out.tensors[f"{name}#sparse.value"] = change.reshape(-1)[index].contiguous()
+                out.add_sparse(name, change, mask.cpu())
         for name, change in self.lowrank.items():
             up = (change.scale * change.up * change.row_mask).detach().float().cpu()
             out.add_lowrank(name, up, change.down.detach().float().cpu())
