@@ -83,8 +83,8 @@ def run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, ex
             suites, _ = guard_suites(ctx, parent, manifest, version)
             todo = [s for s in suites if s.role == "target" or s.name not in base_cache]
             fresh = predict_all(parent, todo, ctx.recipe.batch_size, ctx.device)
-            base = {**{k: v for k, v in base_cache.items()}, **fresh}
-            base_cache.update({k: v for k, v in fresh.items() if k != "target-holdout"})
+            base = {**base_cache, **fresh}
+            base_cache.update({k: v for k, v in fresh.items() if k != "target-holdout"})  # holdouts change per seed
             originals = apply_delta(parent.model, delta)
             try:
                 after = predict_all(parent, suites, ctx.recipe.batch_size, ctx.device)

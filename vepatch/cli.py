@@ -360,11 +360,9 @@ def verify(
     Example: vepatch verify
     """
     from . import session, store
-    from .models import load_model
 
     ctx = session.open_context(workspace)
-    spec = ctx.recipe.model
-    problems = store.verify(ctx.workspace, load_model(spec.ref, ctx.pretrained_path(), spec.online))
+    problems = store.verify(ctx.workspace, ctx.base())  # a fresh base: verify patches it along each chain
     left = [str(p) for p in store.leftovers(ctx.workspace)]
     if as_json:
         emit_json({"ok": not problems, "problems": problems, "leftover_temp": left})

@@ -23,7 +23,7 @@ from ._typed import from_plain, to_plain
 from .data import IMAGE_SUFFIXES
 from .errors import NothingToDo, UsageError
 from .fsio import append_line, write_text_atomic
-from .session import Context
+from .session import Context, open_guard_suite
 
 STEPS = ("staged", "diagnosed", "applied", "judged", "done")
 
@@ -247,7 +247,6 @@ def run_stream_round(ctx: Context, round_dir: Path) -> StreamRound:
 
 def measure_head(ctx: Context, name: str, status: str) -> StreamRound:
     from . import store
-    from .data import open_image_set
     from .evaluate import predict
     from .heads import text_head
     from .patching import holdout_set
@@ -264,10 +263,9 @@ def measure_head(ctx: Context, name: str, status: str) -> StreamRound:
             loaded, text_head(loaded, images.classnames, ref.templates), images, ctx.recipe.batch_size, ctx.device).accuracy
     guards = {}
     for spec in ctx.recipe.guard.suites:
-        path = ctx.resolve(spec.path)
-        if not path.is_dir():
+        if not ctx.resolve(spec.path).is_dir():
             continue
-        images = open_image_set(path, spec.classes or None, spec.folders, spec.name or path.name, spec.max_per_class, ctx.recipe.seed)
+        images = open_guard_suite(ctx, spec)
         guards[images.name] = predict(loaded, text_head(loaded, images.classnames, spec.templates), images,
                                       ctx.recipe.batch_size, ctx.device).accuracy
     size = sum((store.version_dir(ws, v) / store.PATCH_FILE).stat().st_size for v in chain)

@@ -206,16 +206,13 @@ def diagnose(
         control=control,
         seed=seed,
         masks_file=masks_file,
+        # each head owns 1/num_heads of its block's Q/K/V weight
         selected_params=masks.selected_entries + sum(
-            len(h) * (3 * _width(grads[n]) // tower.num_heads) * _width(grads[n]) for n, h in masks.heads.items()
+            len(h) * grads[n].numel() // tower.num_heads for n, h in masks.heads.items()
         ),
         skipped=list(errors.skipped),
     )
     return diagnosis, masks
-
-
-def _width(grad: torch.Tensor) -> int:
-    return grad.shape[1]
 
 
 def _short(block: str) -> str:

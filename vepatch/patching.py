@@ -25,7 +25,7 @@ from .methods.train import train
 from .models import fingerprint
 from .records import GuardReport, HoldoutRef, PatchManifest, read_record
 from .recipe import Recipe
-from .session import Context
+from .session import Context, open_guard_suite
 from .towers import describe_tower
 
 
@@ -88,8 +88,6 @@ def run_apply(ctx: Context, recipe: Recipe, diagnosis: str = "latest", progress:
     if spec.method in MASKED_METHODS:
         if spec.method in ("lorsu", "lorsu-fc1", "lorsu-heads"):
             masks, diagnosis_file = latest_diagnosis_masks(ctx, loaded.fingerprint, diagnosis)
-        if spec.method == "lorsu-random" and diagnosis != "none":
-            _, diagnosis_file = latest_diagnosis_masks(ctx, loaded.fingerprint, diagnosis)
         if masks is None:
             masks = compute_masks(ctx, loaded, head, shots, spec.method, recipe, tower)
 
@@ -218,11 +216,10 @@ def guard_suites(ctx: Context, loaded, manifest: PatchManifest, baseline: str) -
     target = holdout_set(manifest.holdout)
     suites = [Suite("target-holdout", "target", target, text_head(loaded, target.classnames, manifest.holdout.templates), 0.0)]
     for spec in recipe.guard.suites:
-        path = ctx.resolve(spec.path)
-        if spec.optional and not path.is_dir():
+        if spec.optional and not ctx.resolve(spec.path).is_dir():
             notes.append(f"{spec.name or spec.path}: not there, skipped (optional)")
             continue
-        images = open_image_set(path, spec.classes or None, spec.folders, spec.name or path.name, spec.max_per_class, recipe.seed)
+        images = open_guard_suite(ctx, spec)
         suites.append(Suite(images.name, "guard", images, text_head(loaded, images.classnames, spec.templates), spec.max_drop_pp))
     if baseline != "base":  # earlier accepted fixes must survive: their holdouts guard too
         for v in store.chain(ctx.workspace, baseline):

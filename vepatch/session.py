@@ -3,6 +3,7 @@ and its recipe, load the model at a version, run a step, write its records to th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -10,7 +11,7 @@ from typing import Any, Optional, Sequence
 from .data import ImageSet, open_image_set
 from .errors import UsageError
 from .models import LoadedModel, load_model, resolve_device
-from .recipe import DEFAULT_TEMPLATES, Recipe, with_overrides
+from .recipe import DEFAULT_TEMPLATES, GuardSuite, Recipe, with_overrides
 from .workspace import Workspace, find_workspace
 
 
@@ -24,7 +25,7 @@ class Context:
     def base(self) -> LoadedModel:
         if "base" not in self._models:
             spec = self.recipe.model
-            self._models["base"] = load_model(spec.ref, self.pretrained_path(), online=spec.online)
+            self._models["base"] = load_model(spec.ref, self._pretrained(), online=spec.online)
         return self._models["base"]
 
     def base_fingerprint(self) -> str:
@@ -41,7 +42,7 @@ class Context:
             return self.base(), name
         if self.workspace is None:
             raise UsageError(f"'{name}' needs a workspace", "run inside a workspace or pass -C DIR")
-        fresh = load_model(self.recipe.model.ref, self.pretrained_path(), online=self.recipe.model.online)
+        fresh = load_model(self.recipe.model.ref, self._pretrained(), online=self.recipe.model.online)
         if store.VERSION_RE.match(name):
             loaded = store.apply_version(self.workspace, fresh, name)
         else:
@@ -55,7 +56,7 @@ class Context:
         self._models[name] = loaded
         return loaded, name
 
-    def pretrained_path(self) -> str:
+    def _pretrained(self) -> str:
         spec = self.recipe.model
         return str(self.workspace.resolve(spec.pretrained)) if spec.pretrained and self.workspace else spec.pretrained
 
@@ -85,6 +86,12 @@ def open_target_set(ctx: Context, path: Path, name: str = "") -> ImageSet:
     return open_image_set(path, classes, name=name or path.name, seed=ctx.recipe.seed)
 
 
+def open_guard_suite(ctx: Context, spec: GuardSuite) -> ImageSet:
+    """A guard suite of the recipe, with its own classes (or its folder names)."""
+    path = ctx.resolve(spec.path)
+    return open_image_set(path, spec.classes or None, spec.folders, spec.name or path.name, spec.max_per_class, ctx.recipe.seed)
+
+
 def set_and_templates(ctx: Context, data: Path, templates: Optional[Sequence[str]] = None) -> tuple[ImageSet, list[str]]:
     """Open a labelled set with the classes and templates that fit it: a guard suite of the
     recipe uses its own; a folder whose classes are the recipe's uses the recipe's; anything
@@ -93,8 +100,7 @@ def set_and_templates(ctx: Context, data: Path, templates: Optional[Sequence[str
     resolved = data.resolve()
     for suite in recipe.guard.suites:
         if ctx.resolve(suite.path).resolve() == resolved:
-            image_set = open_image_set(resolved, suite.classes or None, suite.folders, suite.name, suite.max_per_class, recipe.seed)
-            return image_set, list(templates or suite.templates)
+            return open_guard_suite(ctx, suite), list(templates or suite.templates)
     own = open_image_set(resolved, None, name=data.name, seed=recipe.seed)
     keys = {c.lower() for c in recipe.classes}
     if recipe.classes and all(c.lower() in keys for c in own.classnames):
@@ -138,7 +144,7 @@ def run_diagnose(ctx: Context, errors_dir: Path, overrides: dict[str, Any]):
             spec.batch_size, spec.control, recipe.seed, ctx.device,
         )
         masks_name = f"{diagnosis.created}.masks.safetensors"
-        diagnosis = _replace(diagnosis, masks_file=masks_name)
+        diagnosis = dataclasses.replace(diagnosis, masks_file=masks_name)
         ws.diagnoses.mkdir(parents=True, exist_ok=True)
         tmp = ws.diagnoses / f".{masks_name}.tmp"
         save_file(masks.to_tensors(), str(tmp))
@@ -148,9 +154,3 @@ def run_diagnose(ctx: Context, errors_dir: Path, overrides: dict[str, Any]):
         ws.log("diagnose", file=path.name, errors=diagnosis.n_errors, images=diagnosis.n_images,
                concentration_top10=diagnosis.concentration_top10, control=diagnosis.control)
     return diagnosis, path
-
-
-def _replace(record, **changes):
-    import dataclasses
-
-    return dataclasses.replace(record, **changes)

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from .delta import Delta, apply_delta, sha256_bytes, sha256_file
-from .errors import StoreError, UsageError
+from .errors import NothingToDo, StoreError, UsageError
 from .fsio import fsync_dir, write_bytes_atomic, write_text_atomic
 from .models import LoadedModel, fingerprint
 from .records import GuardReport, PatchManifest, read_record, to_json
@@ -136,8 +136,6 @@ def read_candidate(ws: Workspace, candidate_id: str | None) -> tuple[PatchManife
     if candidate_id is None:
         known = candidates(ws)
         if not known:
-            from .errors import NothingToDo
-
             raise NothingToDo(f"{ws.candidates}: no candidate", "run `vepatch apply` first")
         candidate_id = known[-1]
     folder = candidate_dir(ws, candidate_id)
