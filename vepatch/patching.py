@@ -108,6 +108,7 @@ def run_apply(ctx: Context, recipe: Recipe, diagnosis: str = "latest", progress:
 
     stats = retry_on_oom(attempt, spec.batch_size, f"apply --method {spec.method}")
     delta = trainable.delta()
+    allowed = dict(sorted(trainable.summary.items()))
     del visual, trainable
 
     originals = apply_delta(loaded.model, delta)
@@ -129,7 +130,7 @@ def run_apply(ctx: Context, recipe: Recipe, diagnosis: str = "latest", progress:
         patch_sha256=sha256_bytes(data),
         patch_bytes=len(data),
         trainable_params=delta.trainable_count(),
-        masks={k: int(v) for k, v in sorted(_summary(masks, spec.method, delta).items())},
+        masks=allowed,
         seed=recipe.seed,
         shots_hash=shots.content_hash(),
         holdout=HoldoutRef(pool.name, list(pool.classnames), list(recipe.templates),
@@ -180,14 +181,6 @@ def reference_logits(ctx: Context, loaded, recipe: Recipe):
             batches.append(x)
             logits.append(scale * loaded.model.encode_image(x.to(ctx.device), normalize=True).float().cpu() @ ref_head.T)
     return torch.cat(batches), torch.cat(logits), ref_head
-
-
-def _summary(masks: Optional[Masks], method: str, delta) -> dict[str, int]:
-    if masks is not None:
-        out = {k: int(v.sum()) for k, v in masks.fc1.items()}
-        out.update({k: len(v) for k, v in masks.heads.items()})
-        return out
-    return {name: 1 for name in delta.params}
 
 
 def _libraries() -> dict[str, str]:

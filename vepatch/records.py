@@ -126,7 +126,7 @@ class PatchManifest:
     patch_sha256: str
     patch_bytes: int
     trainable_params: int
-    masks: dict[str, int]  # param -> entries allowed to change
+    masks: dict[str, int]  # param -> trainable numbers there (masked entries, or LoRA factor sizes)
     seed: int
     shots_hash: str
     holdout: HoldoutRef

@@ -92,7 +92,7 @@ def log_table(manifests, head: str) -> Table:
 def show_tables(manifest, report) -> list[Table]:
     t = Table(title=f"{manifest.version or manifest.candidate_id}: {manifest.method} on {manifest.parent}")
     t.add_column("parameter")
-    t.add_column("selected", justify="right")
+    t.add_column("trainable", justify="right")
     for name, count in manifest.masks.items():
         t.add_row(name.removeprefix("visual."), f"{count:,}")
     info = Table(title="facts")
