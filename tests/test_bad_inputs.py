@@ -141,15 +141,15 @@ def test_bad_patch_is_refused_never_loaded(promoted, tmp_path, case):
 
 
 def test_cuda_out_of_memory_is_retried_then_one_clear_error(ws, tmp_path, monkeypatch):
-    import vepatch.evaluate as evaluate
+    from vepatch.passes import SuiteInputs
 
     sizes = []
 
-    def oom(loaded, head, image_set, batch_size, device):
-        sizes.append(batch_size)
+    def oom(self, model, head, device):
+        sizes.append(self.batch_size)
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(evaluate, "_predict", oom)
+    monkeypatch.setattr(SuiteInputs, "_predict", oom)
     result = runner.invoke(app, ["eval", str(tmp_path / "pool"), "-C", str(ws), "--batch-size", "8"])
     assert result.exit_code == 1 and "out of memory even at batch size 1" in result.output
     assert sizes == [8, 4, 2, 1]

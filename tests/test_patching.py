@@ -236,3 +236,19 @@ def test_export_peft_for_a_plain_lora_patch(make_workspace, vit_bundle, tmp_path
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model.eval().encode_image(x), ours.model.encode_image(x), atol=1e-5)
+
+
+def test_full_wise_is_half_of_the_same_full_fine_tune(make_workspace, vit_bundle, tmp_path):
+    """WiSE-FT at mixing 0.5: the same seed's full update, every dense entry halved."""
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=2)
+    deltas = {}
+    for method in ("full", "full+wise"):
+        result, manifest = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none", "--method", method)
+        assert result.exit_code == 0, result.output
+        deltas[method] = store.read_candidate(store.Workspace(root), manifest["candidate_id"])[1].tensors
+    assert deltas["full"].keys() == deltas["full+wise"].keys()
+    moved = 0
+    for key, full in deltas["full"].items():
+        assert torch.equal(deltas["full+wise"][key], full * 0.5), key
+        moved += int((full != 0).sum())
+    assert moved > 0

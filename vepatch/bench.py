@@ -75,16 +75,13 @@ def run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, ex
               progress: Optional[Callable[[int, int], None]] = None) -> list[BenchRun]:
     parent, version = ctx.model()
     runs, total, step = [], len(methods) * len(seeds), 0
-    base_cache: dict[str, object] = {}
+    cache = ctx.prediction_cache()  # the parent's predictions: computed once per suite and holdout
     for seed in seeds:
         for method in methods:
             manifest = apply_in_subprocess(ctx.workspace.root, method, seed, shots, extra or [])
             _, delta = store.read_candidate(ctx.workspace, manifest.candidate_id)
             suites, _ = guard_suites(ctx, parent, manifest, version)
-            todo = [s for s in suites if s.role == "target" or s.name not in base_cache]
-            fresh = predict_all(parent, todo, ctx.recipe.batch_size, ctx.device)
-            base = {**base_cache, **fresh}
-            base_cache.update({k: v for k, v in fresh.items() if k != "target-holdout"})  # holdouts change per seed
+            base = predict_all(parent, suites, ctx.recipe.batch_size, ctx.device, cache)
             originals = apply_delta(parent.model, delta)
             try:
                 after = predict_all(parent, suites, ctx.recipe.batch_size, ctx.device)
@@ -162,9 +159,15 @@ def plot(runs: list[BenchRun], rows: list[BenchSummary], path: Path) -> Path:
         ax.scatter(xs, ys, color=colours(i % 10), label=method, s=40, edgecolor="black" if method in front else "none")
         ax.annotate(method, (np.mean(xs), np.mean(ys)), fontsize=8, xytext=(4, 4), textcoords="offset points",
                     fontweight="bold" if method in front else "normal")
+    worst = min((r.worst_guard_pp for r in runs), default=0.0)
+    if worst < -5:  # one method far off (e.g. full fine-tuning): linear near 0, logarithmic beyond
+        ax.set_xscale("symlog", linthresh=3.0)
+        best = max((r.worst_guard_pp for r in runs), default=0.0)
+        ticks = [t for t in (-100, -50, -20, -10, -5, -3, -2, -1, 0, 1, 2, 3, 5) if worst - 1 <= t <= best + 1]
+        ax.set_xticks(ticks, [f"{t:+d}" if t else "0" for t in ticks])
     ax.axvline(0, color="grey", lw=0.8)
     ax.axvline(-1, color="red", lw=0.8, ls="--", label="guard bar (-1 pp)")
-    ax.set_xlabel("worst guard-suite change (pp)   <- forgets more")
+    ax.set_xlabel("worst guard-suite change (pp)   <- forgets more" + (" (symlog: linear within ±3)" if worst < -5 else ""))
     ax.set_ylabel("target-holdout gain (pp)")
     ax.set_title("patch methods: target gain vs retention (one point per seed)")
     ax.legend(fontsize=7, loc="best")

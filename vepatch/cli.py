@@ -41,6 +41,10 @@ def command(fn=None, *, name: str | None = None):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        out.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone prints results
+        from .allocator import tune
+
+        tune()
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -54,6 +58,10 @@ def command(fn=None, *, name: str | None = None):
         except Exception as exc:  # a bug: say so plainly, traceback on request
             _print_error(f"unexpected {type(exc).__name__}: {exc}", "rerun with VEPATCH_DEBUG=1 for the traceback")
             raise typer.Exit(1) from None
+        finally:
+            from . import distributed
+
+            distributed.shutdown()
 
     return app.command(name=name)(wrapper)
 
@@ -69,6 +77,8 @@ def _print_error(message: str, hint: str) -> None:
 def emit_json(obj: Any) -> None:
     from ._typed import to_plain
 
+    if out.quiet:
+        return
     sys.stdout.write(json.dumps(to_plain(obj), indent=None, sort_keys=False) + "\n")
 
 
@@ -452,6 +462,51 @@ def bench(
     else:
         out.print(markdown(rows))
         out.print(f"written: {folder}")
+
+
+@command
+def speed(
+    model: Annotated[str, typer.Option("--model", help="'default', an open_clip name (random init, e.g. ViT-B-16) or local-dir:PATH.")] = "default",
+    method: Annotated[str, typer.Option("--method", help="Whose trainable set the patch step updates.")] = "lorsu",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 32,
+    steps: Annotated[int, typer.Option("--steps", help="Timed steps (after one warm-up).")] = 10,
+    guard: Annotated[Optional[str], typer.Option("--guard", help="Instead: time the guard on this candidate ('latest'), plain vs fast path.")] = None,
+    workspace: WorkspaceOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Patch-step and guard throughput, FLOPs utilisation against the device's bf16 peak, peak
+    memory and where the time goes; or, with --guard, the guard's fast path against the plain one.
+
+    Example: vepatch speed --model ViT-B-16 --batch-size 64 --device cuda
+    """
+    from . import session
+
+    if guard is not None:
+        from .speed import time_guard
+
+        ctx = session.open_context(workspace, device=device)
+        timing = time_guard(ctx, None if guard == "latest" else guard)
+        if as_json:
+            emit_json(timing)
+            return
+        out.print(f"guard on {timing.candidate_id}: {timing.passes} passes x {timing.images} images, kept inputs at "
+                  f"'{timing.entry or 'images'}'")
+        out.print(f"  plain {timing.plain_seconds:.1f} s | fast, cold cache {timing.fast_cold_seconds:.1f} s "
+                  f"({timing.plain_seconds / timing.fast_cold_seconds:.2f}x) | fast, warm cache {timing.fast_warm_seconds:.1f} s "
+                  f"({timing.plain_seconds / timing.fast_warm_seconds:.2f}x) | identical results: {timing.identical}")
+        return
+    from .speed import measure
+
+    ctx = session.open_context(workspace, model=model, device=device, required=False)
+    report = measure(ctx.base(), model, method, batch_size, steps, ctx.device)
+    if as_json:
+        emit_json(report)
+        return
+    from .render import speed_report
+
+    for line in speed_report(report):
+        out.print(line)
 
 
 @command

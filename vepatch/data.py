@@ -63,6 +63,19 @@ class ImageSet:
             return to_rgb(self.dataset[row][self.image_column])
         return read_image(Path(sample.source))
 
+    def state_hash(self) -> str:
+        """Hash of the sources, labels and each file's size and modification time: changes
+        when any image of the set is replaced, added or removed (a saved dataset counts as the
+        files of its folder)."""
+        digest = hashlib.sha256(self.content_hash().encode())
+        files = [Path(s.source) for s in self.samples if "#" not in s.source]
+        roots = sorted({s.source.rsplit("#", 1)[0] for s in self.samples if "#" in s.source})
+        files += [f for r in roots for f in sorted(Path(r).iterdir()) if f.is_file()]
+        for f in files:
+            st = f.stat()
+            digest.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+
     def content_hash(self) -> str:
         """Hash of the sources and labels: records which data a patch or verdict used."""
         digest = hashlib.sha256()

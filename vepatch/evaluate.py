@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from .data import ImageSet, TorchImages
 from .models import LoadedModel
+from .passes import Predictions, SuiteInputs
 from .records import EvalReport
-
-
-@dataclass(frozen=True)
-class Predictions:
-    labels: np.ndarray  # (n,) true class indices
-    preds: np.ndarray  # (n,) predicted class indices
-
-    @property
-    def correct(self) -> np.ndarray:
-        return self.labels == self.preds
-
-    @property
-    def accuracy(self) -> float:
-        return float(self.correct.mean()) if len(self.labels) else 0.0
 
 
 def loader(image_set: ImageSet, preprocess, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
@@ -37,24 +22,8 @@ def loader(image_set: ImageSet, preprocess, batch_size: int, shuffle: bool = Fal
 
 
 def predict(loaded: LoadedModel, head: torch.Tensor, image_set: ImageSet, batch_size: int = 64, device: str = "cpu") -> Predictions:
-    """Per-example predictions; on CUDA out of memory, retried with half the batch."""
-    from .oom import retry_on_oom
-
-    return retry_on_oom(lambda bs: _predict(loaded, head, image_set, bs, device), batch_size, f"evaluating {image_set.name}")
-
-
-def _predict(loaded: LoadedModel, head: torch.Tensor, image_set: ImageSet, batch_size: int, device: str) -> Predictions:
-    model = loaded.model.to(device).eval()
-    labels, preds = [], []
-    for images, y in loader(image_set, loaded.preprocess, batch_size):
-        with torch.no_grad():
-            features = model.encode_image(images.to(device), normalize=True).float()
-            logits = features @ head.to(device).T
-        preds.append(logits.argmax(1).cpu())
-        labels.append(y)
-    if not labels:
-        return Predictions(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
-    return Predictions(torch.cat(labels).numpy(), torch.cat(preds).numpy())
+    """Per-example predictions, one plain pass (nothing kept)."""
+    return SuiteInputs(image_set, loaded.preprocess, batch_size).predict(loaded.model, head, device)
 
 
 def report(predictions: Predictions, image_set: ImageSet, version: str) -> EvalReport:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -11,9 +12,12 @@ from scipy.stats import binomtest
 
 from .data import ImageSet
 from .delta import Delta, apply_delta, restore
-from .evaluate import Predictions, predict
+from .evaluate import predict
 from .models import LoadedModel
+from .passes import DEFAULT_BUDGET_BYTES, Budget, Predictions, SuiteInputs
+from .predcache import PredictionCache, key
 from .recipe import GuardSpec
+from .towers import describe_tower
 from .records import StrengthResult, SuiteResult
 
 
@@ -61,22 +65,45 @@ def judge(suites: list[Suite], base: dict[str, Predictions], cand: dict[str, Pre
     return StrengthResult(strength, results, mean_change, passed, "; ".join(reasons) or "all checks pass")
 
 
-def predict_all(loaded: LoadedModel, suites: list[Suite], batch_size: int, device: str) -> dict[str, Predictions]:
-    return {s.name: predict(loaded, s.head, s.images, batch_size, device) for s in suites}
+def predict_all(loaded: LoadedModel, suites: list[Suite], batch_size: int, device: str,
+                cache: PredictionCache | None = None) -> dict[str, Predictions]:
+    """One plain pass per suite (nothing kept), or the cache's copy of it."""
+    return {s.name: cached(loaded, s, batch_size, device, cache, lambda s=s: predict(loaded, s.head, s.images, batch_size, device))
+            for s in suites}
+
+
+def cached(loaded: LoadedModel, suite: Suite, batch_size: int, device: str, cache: PredictionCache | None,
+           run: Callable[[], Predictions]) -> Predictions:
+    """`run()`, or the predictions `cache` kept for this model, suite, head, batch size and device."""
+    if cache is None:
+        return run()
+    k = key(loaded.fingerprint, loaded.preprocess, suite.head, suite.images, batch_size, device)
+    return cache.get_or_compute(k, suite.images.labels, run)
 
 
 def search_strengths(
     baseline: LoadedModel, delta: Delta, suites: list[Suite], spec: GuardSpec, batch_size: int, device: str,
-    base_predictions: dict[str, Predictions] | None = None,
+    base_predictions: dict[str, Predictions] | None = None, cache: PredictionCache | None = None,
+    keep_bytes: int = DEFAULT_BUDGET_BYTES,
 ) -> tuple[list[StrengthResult], dict[float, dict[str, Predictions]], dict[str, Predictions]]:
     """Evaluate baseline once and baseline + lambda * delta for every lambda, in this process,
-    same device and batch order. Returns the trials, the candidates' predictions, the baseline's."""
-    base = base_predictions or predict_all(baseline, suites, batch_size, device)
+    same device and batches. Each suite is read once: its inputs at the first module the delta
+    touches are kept (within `keep_bytes`) and every pass runs only the rest of the tower; the
+    baseline's predictions come from `cache` when it has them. Returns the trials, the
+    candidates' predictions, the baseline's."""
+    entry = describe_tower(baseline.model).entry_for(delta.params) if keep_bytes else ""
+    budget = Budget(keep_bytes)
+    inputs = {s.name: SuiteInputs(s.images, baseline.preprocess, batch_size, entry, budget) for s in suites}
+
+    def run(s: Suite) -> Predictions:
+        return inputs[s.name].predict(baseline.model, s.head, device)
+
+    base = base_predictions or {s.name: cached(baseline, s, batch_size, device, cache, lambda s=s: run(s)) for s in suites}
     trials, preds = [], {}
     for strength in sorted(spec.strengths, reverse=True):
         originals = apply_delta(baseline.model, delta, strength)
         try:
-            preds[strength] = predict_all(baseline, suites, batch_size, device)
+            preds[strength] = {s.name: run(s) for s in suites}
         finally:
             restore(baseline.model, originals)
         trials.append(judge(suites, base, preds[strength], spec, strength))

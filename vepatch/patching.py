@@ -3,6 +3,7 @@ paired guard evaluation, promotion to a version."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import platform
@@ -12,14 +13,14 @@ from typing import Callable, Optional
 
 import torch
 
-from . import __version__, store
+from . import __version__, distributed, store
 from .data import ImageSet, Sample, open_image_set, split_shots
 from .delta import apply_delta, restore
 from .diagnose import Masks, build_masks, mean_gradients
 from .errors import DataError, UsageError
 from .guard import Suite, choose, predictions_hash, search_strengths
 from .heads import text_head
-from .methods import MASKED_METHODS
+from .methods import MASKED_METHODS, WISE_ALPHA
 from .methods.build import build_trainable
 from .methods.train import train
 from .models import fingerprint
@@ -108,6 +109,8 @@ def run_apply(ctx: Context, recipe: Recipe, diagnosis: str = "latest", progress:
 
     stats = retry_on_oom(attempt, spec.batch_size, f"apply --method {spec.method}")
     delta = trainable.delta()
+    if spec.method == "full+wise":
+        delta = delta.scaled(WISE_ALPHA)
     allowed = dict(sorted(trainable.summary.items()))
     del visual, trainable
 
@@ -231,14 +234,14 @@ def run_guard(ctx: Context, candidate_id: Optional[str], baseline: Optional[str]
         raise store.StoreError(f"candidate {manifest.candidate_id}: its parent's fingerprint does not match", "it is refused")
     suites, notes = guard_suites(ctx, parent, manifest, baseline)
     spec, bs = ctx.recipe.guard, ctx.recipe.batch_size
-    base_predictions = None
+    base_predictions, cache = None, ctx.prediction_cache()
     if baseline != manifest.parent:
         from .guard import predict_all
 
         base_model, _ = ctx.model(baseline)
-        base_predictions = predict_all(base_model, suites, bs, ctx.device)
-    with ws.lock():
-        trials, preds, base = search_strengths(parent, delta, suites, spec, bs, ctx.device, base_predictions)
+        base_predictions = predict_all(base_model, suites, bs, ctx.device, cache)
+    with ws.lock() if distributed.is_writer() else contextlib.nullcontext():
+        trials, preds, base = search_strengths(parent, delta, suites, spec, bs, ctx.device, base_predictions, cache)
         best = choose(trials)
         report = GuardReport(
             candidate_id=manifest.candidate_id, baseline=baseline,
@@ -249,6 +252,8 @@ def run_guard(ctx: Context, candidate_id: Optional[str], baseline: Optional[str]
             predictions_sha256={k: predictions_hash(v) for k, v in (preds[best.strength] if best else base).items()},
             created=_utc(),
         )
+        if not distributed.is_writer():  # under torchrun, rank 0 alone writes
+            return report
         from .fsio import write_text_atomic
         from .records import to_json
 

@@ -53,8 +53,8 @@ class DiagnoseSpec:
 
 
 # Per-method learning rates (Adam). DEFAULT_LR was chosen by measurement (README, "Defaults");
-# `full` gets a smaller step for a dense update of every weight (not tuned).
-METHOD_LR = {"full": 1e-4}
+# `full` (and `full+wise`) get a smaller step for a dense update of every weight (not tuned).
+METHOD_LR = {"full": 1e-4, "full+wise": 1e-4}
 DEFAULT_LR = 1e-3
 
 
@@ -98,7 +98,7 @@ class Recipe:
     reference: DataSpec | None = None  # images to distill the parent on (used when apply.distill > 0)
     inbox: str = "inbox"  # where operators drop misclassified images (<class>/*.jpg), for `cycle`
     seed: int = 0  # one seed for sampling, masks and training
-    batch_size: int = 64  # images per forward pass in eval and guard
+    batch_size: int = 32  # images per forward pass in eval and guard (fastest on the CPU: README, Speed)
     diagnose: DiagnoseSpec = field(default_factory=DiagnoseSpec)
     apply: ApplySpec = field(default_factory=ApplySpec)
     guard: GuardSpec = field(default_factory=GuardSpec)

@@ -116,3 +116,17 @@ def stream_table(rounds) -> Table:
         t.add_row(r.round, r.status, r.version, *[pct(r.target_accuracy[k]) if k in r.target_accuracy else "-" for k in targets],
                   *[pct(r.guard_accuracy.get(k, 0)) for k in guards], f"{r.chain_bytes:,}")
     return t
+
+
+def speed_report(r) -> list:
+    t = Table(title=f"{r.model} on {r.device_name} ({r.device}), {r.method}, batch {r.batch_size}")
+    for col in ("", "images/s", "TFLOP/s", "of bf16 peak"):
+        t.add_column(col)
+    for name, rate, tf, mfu in (("patch step", r.step_images_per_s, r.step_achieved_tflops_per_s, r.step_mfu),
+                                ("guard pass", r.guard_images_per_s, r.guard_achieved_tflops_per_s, r.guard_mfu)):
+        t.add_row(name, f"{rate:.1f}", f"{tf:.3f}", pct(mfu) if mfu else "peak unknown")
+    lines = [t, f"{r.trainable_params:,} trainable numbers; {1e3 * r.step_tflops / r.batch_size:.2f} GFLOP per image "
+                f"per step; peak memory {r.peak_memory_mb:,.0f} MB"]
+    for name, ops in (("patch step", r.step_top_ops), ("guard pass", r.guard_top_ops)):
+        lines.append(f"{name} time: " + ", ".join(f"{o.name.removeprefix('aten::')} {100 * o.share:.0f}%" for o in ops))
+    return lines

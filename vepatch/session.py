@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 
 from .data import ImageSet, open_image_set
 from .errors import UsageError
+from . import distributed
 from .models import LoadedModel, load_model, resolve_device
 from .recipe import DEFAULT_TEMPLATES, GuardSuite, Recipe, with_overrides
 from .workspace import Workspace, find_workspace
@@ -56,6 +57,12 @@ class Context:
         self._models[name] = loaded
         return loaded, name
 
+    def prediction_cache(self):
+        """Per-example predictions kept across runs (predcache.py); None outside a workspace."""
+        from .predcache import PredictionCache
+
+        return PredictionCache(self.workspace.prediction_cache) if self.workspace else None
+
     def _pretrained(self) -> str:
         spec = self.recipe.model
         return str(self.workspace.resolve(spec.pretrained)) if spec.pretrained and self.workspace else spec.pretrained
@@ -77,7 +84,7 @@ def open_context(
             raise
         ws, recipe = None, Recipe()
     recipe = with_overrides(recipe, {"model.ref": model, "model.online": online or None, "apply.device": device})
-    return Context(ws, recipe, resolve_device(recipe.apply.device))
+    return Context(ws, recipe, distributed.init_from_env(resolve_device(recipe.apply.device)))
 
 
 def open_target_set(ctx: Context, path: Path, name: str = "") -> ImageSet:

@@ -28,6 +28,7 @@ class Tower:
     fc1_bias: list[str]  # biases of the fc1 layers ('' where there is none)
     qkv_bias: list[str]  # biases of the Q/K/V layers
     norms: list[str]  # affine parameters of every norm layer (LayerNorm, BatchNorm, GroupNorm)
+    tail: str = ""  # the module after the last block whose input is the only thing flowing on ('' if none)
 
     def block_of(self, param: str) -> str:
         """The block a parameter belongs to ('' if none)."""
@@ -36,6 +37,23 @@ class Tower:
             if param.startswith(b + ".") and len(b) > len(best):
                 best = b
         return best
+
+
+    def entry_for(self, params: list[str]) -> str:
+        """The earliest module whose input a change to `params` leaves untouched, so that input
+        can be computed once and reused: the first block any of them lies in, the tail when they
+        only touch what follows the blocks, '' (the image itself) when one lies before the blocks."""
+        points = self.blocks + ([self.tail] if self.tail else [])
+        first = len(points)
+        for p in params:
+            owners = [i for i, e in enumerate(points) if p.startswith(e + ".")]
+            if owners:
+                first = min(first, owners[-1])
+            elif p == self.proj and self.tail:
+                first = min(first, len(points) - 1)
+            else:
+                return ""
+        return points[first] if first < len(points) else ""
 
 
 def describe_tower(model: nn.Module) -> Tower:
@@ -75,7 +93,9 @@ def _openclip_vit(visual) -> Tower:
         qkv_bias.append(f"{path}.attn.in_proj_bias" if block.attn.in_proj_bias is not None else "")
         heads = block.attn.num_heads
     proj = f"{PREFIX}proj" if getattr(visual, "proj", None) is not None else ""
-    return Tower("openclip-vit", blocks, fc1, qkv, heads, proj, True, fc1_bias, qkv_bias, _norm_params(visual))
+    # without attention pooling, ln_post's input (tokens, or the pooled token) is all that flows on
+    tail = f"{PREFIX}ln_post" if getattr(visual, "attn_pool", None) is None else ""
+    return Tower("openclip-vit", blocks, fc1, qkv, heads, proj, True, fc1_bias, qkv_bias, _norm_params(visual), tail)
 
 
 def _timm_tower(visual) -> Tower:
@@ -109,12 +129,12 @@ def _timm_tower(visual) -> Tower:
             "supported: ViT blocks (attn.qkv + mlp.fc1), inverted residuals (conv_pw), ConvNeXt blocks",
         )
     kind = "timm-vit" if qkv else "timm-cnn"
-    proj = ""
+    proj, tail = "", ""
     if isinstance(getattr(visual.head, "proj", None), nn.Linear):
-        proj = f"{PREFIX}head.proj.weight"
+        proj, tail = f"{PREFIX}head.proj.weight", f"{PREFIX}head"  # open_clip's TimmModel: head(trunk(x))
     else:
         classifier = trunk.get_classifier() if hasattr(trunk, "get_classifier") else None
         if isinstance(classifier, nn.Linear):
             name = next(n for n, m in trunk.named_modules() if m is classifier)
-            proj = f"{PREFIX}trunk.{name}.weight"
-    return Tower(kind, blocks, fc1, qkv, heads, proj, False, fc1_bias, qkv_bias, _norm_params(visual))
+            proj, tail = f"{PREFIX}trunk.{name}.weight", f"{PREFIX}trunk.{name}"  # its input: the pooled features
+    return Tower(kind, blocks, fc1, qkv, heads, proj, False, fc1_bias, qkv_bias, _norm_params(visual), tail)

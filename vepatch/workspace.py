@@ -47,6 +47,10 @@ class Workspace:
         return self.store / "patches"
 
     @property
+    def prediction_cache(self) -> Path:
+        return self.store / "cache" / "predictions"
+
+    @property
     def log_path(self) -> Path:
         return self.store / "log.jsonl"
 

@@ -20,7 +20,7 @@ def build_trainable(method: str, visual: nn.Module, tower: Tower, masks: Masks |
     for p in visual.parameters():
         p.requires_grad_(False)
     t = Trainable(visual)
-    if method == "full":
+    if method in ("full", "full+wise"):
         for name, _ in visual.named_parameters():
             t.add_masked(f"visual.{name}", None)
     elif method == "ln":

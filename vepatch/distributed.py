@@ -1,0 +1,81 @@
+"""Sharded evaluation with torch.distributed, started by torchrun.
+
+`vepatch guard` and `vepatch eval` under `torchrun --nproc_per_node N -m vepatch ...` split every
+suite's batches across the N processes (batch b on rank b mod N; the batches themselves are the
+single-process ones, so each logit is computed exactly as it would be alone), gather the
+per-example predictions onto every rank, and let rank 0 alone write to the store and print.
+Without torchrun's environment nothing here does anything.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def launched() -> bool:
+    """Started by torchrun (or anything that sets WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: str) -> str:
+    """Join the process group torchrun describes; returns this rank's device ('cuda:<local
+    rank>' on GPUs, else `device`). A no-op without torchrun."""
+    if not launched() or dist.is_initialized():
+        return device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        return f"cuda:{local}"
+    dist.init_process_group("gloo")
+    return device
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def is_writer() -> bool:
+    """Only rank 0 writes to the store, takes the workspace lock and prints."""
+    return rank() == 0
+
+
+def my_share(n: int) -> range:
+    """The batch indices this rank runs out of n."""
+    return range(dist.get_rank(), n, dist.get_world_size()) if active() else range(n)
+
+
+def gather_dict(local: dict[int, T]) -> dict[int, T]:
+    """Every rank's entries, merged, on every rank."""
+    if not active():
+        return local
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    merged: dict[int, T] = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def all_true(flag: bool) -> bool:
+    """True when `flag` holds on every rank (so all ranks take the same branch)."""
+    if not active():
+        return flag
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, bool(flag))
+    return all(parts)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
