@@ -141,3 +141,13 @@ def test_torchrun_sharded_guard_equals_one_process(make_workspace, vit_bundle, t
     assert a["predictions_sha256"] == b["predictions_sha256"]
     assert a["trials"] == b["trials"] and a["accepted"] == b["accepted"]
     assert len(two.stdout.strip().splitlines()) == 1  # rank 1 printed nothing
+
+
+def test_commands_that_write_more_than_a_verdict_refuse_torchrun(make_workspace, vit_bundle):
+    from typer.testing import CliRunner
+
+    from vepatch.cli import app
+
+    root = make_workspace(vit_bundle)
+    result = CliRunner().invoke(app, ["apply", "-C", str(root)], env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert result.exit_code == 2 and "not under torchrun" in result.output

@@ -34,18 +34,23 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or
 OnlineOpt = Annotated[bool, typer.Option("--online", help="Allow model downloads from a hub (off by default).")]
 
 
-def command(fn=None, *, name: str | None = None):
-    """Register `fn` as a command; VepatchError -> one clean line + its exit code."""
+def command(fn=None, *, name: str | None = None, sharded: bool = False):
+    """Register `fn` as a command; VepatchError -> one clean line + its exit code. Only
+    `sharded` commands may run under torchrun (distributed.py)."""
     if fn is None:
-        return functools.partial(command, name=name)
+        return functools.partial(command, name=name, sharded=sharded)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        out.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone prints results
+        from . import distributed
         from .allocator import tune
 
+        out.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone prints results
         tune()
         try:
+            if distributed.launched() and not sharded:
+                raise UsageError(f"vepatch {name or fn.__name__} runs in one process, not under torchrun",
+                                 "run it without torchrun; `vepatch guard` and `vepatch eval` shard over torchrun")
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
@@ -59,8 +64,6 @@ def command(fn=None, *, name: str | None = None):
             _print_error(f"unexpected {type(exc).__name__}: {exc}", "rerun with VEPATCH_DEBUG=1 for the traceback")
             raise typer.Exit(1) from None
         finally:
-            from . import distributed
-
             distributed.shutdown()
 
     return app.command(name=name)(wrapper)
@@ -113,7 +116,7 @@ def init(
         out.print(f"workspace ready: {ws.root} (recipe: {recipe or 'defaults'}, model: {chosen.model.ref})")
 
 
-@command(name="eval")
+@command(name="eval", sharded=True)
 def eval_(
     data: Annotated[Path, typer.Argument(help="Labelled set: <class>/ image folders or a saved `datasets` folder.")],
     version: Annotated[Optional[str], typer.Option("--version", help="base, vN, or a candidate id (default: current).")] = None,
@@ -221,7 +224,7 @@ def apply(
     out.print("next: vepatch guard")
 
 
-@command
+@command(sharded=True)
 def guard(
     candidate: Annotated[Optional[str], typer.Argument(help="Candidate id (default: the latest).")] = None,
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="vM or base (default: the current version).")] = None,
@@ -424,7 +427,7 @@ def _progress(label: str):
 
 @command
 def bench(
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to compare.")] = "lorsu,lora,spu,full,ln,lorsu-random",
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods to compare.")] = "lorsu,lora,spu,full,full+wise,ln,lorsu-random",
     shots: Annotated[Optional[int], typer.Option("--shots", help="Training images per class.")] = None,
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds 0..N-1 (each seed: its own shots and holdout).")] = 3,
     workspace: WorkspaceOpt = None,
