@@ -4,7 +4,6 @@ import hashlib
 import json
 import os
 import pickle
-from pathlib import Path
 
 import pytest
 import torch

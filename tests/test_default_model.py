@@ -1,6 +1,5 @@
 """The embedded default base (METHODS.md §7), built from the two PyPI packages."""
 
-from pathlib import Path
 
 import pytest
 

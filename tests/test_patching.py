@@ -196,8 +196,6 @@ def test_every_method_trains_a_candidate(make_workspace, vit_bundle, tmp_path, m
 
 def test_l2_and_distillation_regularize_the_delta(make_workspace, vit_bundle, tmp_path):
     """Stronger regularization -> a smaller change, same seed and data."""
-    from vepatch.recipe import DataSpec as DS
-
     ref = tiny.make_folder(tmp_path / "ref", 4, seed=11)
     root = _ws(make_workspace, vit_bundle, tmp_path, epochs=3)
     text = (root / "vepatch.yaml").read_text().replace("reference: null", f"reference:\n  path: {ref}")

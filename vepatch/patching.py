@@ -102,7 +102,7 @@ def run_apply(ctx: Context, recipe: Recipe, diagnosis: str = "latest", progress:
     reference = reference_logits(ctx, loaded, recipe) if spec.distill > 0 else None
     from .oom import retry_on_oom
 
-    def attempt(batch_size: int):
+    def attempt(batch_size: int, trainable=trainable):  # bound now: the name is deleted below
         trainable.reset()  # a retry starts from the parent again
         return train(trainable, train_preprocess(loaded, spec.augment_scale), shots, head, scale,
                      dataclasses.replace(spec, batch_size=batch_size), recipe.seed, ctx.device, prompts, reference, progress)

@@ -12,13 +12,12 @@ the time goes is the profiler's top operators for one step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from typing import Optional
-
-import contextlib
-import os
 
 import torch
 
@@ -27,7 +26,8 @@ from .losses import ce_loss
 from .methods import MASKED_METHODS
 from .methods.build import build_trainable
 from .models import LoadedModel
-from .recipe import ApplySpec
+from .passes import autocast as autocast_for
+from .recipe import ApplySpec, DiagnoseSpec
 from .towers import describe_tower
 
 # Dense bf16 tensor-core peak, FLOP/s, by device name (vendor data sheets, no sparsity).
@@ -125,6 +125,8 @@ def _rate(fn, device: str, steps: int, images: int) -> float:
 
 def measure(loaded: LoadedModel, model_name: str, method: str, batch_size: int, steps: int, device: str,
             spec: Optional[ApplySpec] = None, classes: int = 10) -> SpeedReport:
+    """Time `loaded`'s guard pass, then its patch step for `method` (this adds the method's
+    trainable parametrizations to `loaded.model`: use a model loaded for the purpose)."""
     import open_clip
 
     spec = spec or ApplySpec(method=method)
@@ -140,7 +142,7 @@ def measure(loaded: LoadedModel, model_name: str, method: str, batch_size: int, 
         dim = model.encode_image(images[:1]).shape[-1]
     head = torch.nn.functional.normalize(torch.randn(classes, dim, generator=generator), dim=-1).to(device)
     scale = torch.tensor(100.0, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    autocast = autocast_for(device)
 
     def guard_forward():  # what passes.SuiteInputs runs per batch
         with autocast:
@@ -163,8 +165,10 @@ def measure(loaded: LoadedModel, model_name: str, method: str, batch_size: int, 
     if method in MASKED_METHODS:  # LoRSU's budget at random places: the same shapes and cost
         targets = tower.fc1 + (tower.qkv if method != "spu" else [])
         params = dict(model.named_parameters())
+        budget = DiagnoseSpec()
         masks = build_masks({n: torch.empty(params[n].shape, device="meta") for n in targets},
-                            dataclasses.replace(tower, qkv=[n for n in tower.qkv if n in targets]), 0.1, 2, "random")
+                            dataclasses.replace(tower, qkv=[n for n in tower.qkv if n in targets]),
+                            budget.fc1_fraction, budget.heads_per_layer, "random")
     trainable = build_trainable(method, model.visual, tower, masks, spec)
     trainable.visual.to(device)
     optimizer = torch.optim.Adam(trainable.params, lr=1e-4)

@@ -12,6 +12,7 @@ import torch
 from ..data import ImageSet
 from ..evaluate import loader
 from ..losses import ce_loss, contrastive_loss, distill_loss
+from ..passes import autocast as autocast_for
 from ..recipe import ApplySpec
 from .trainable import Trainable
 
@@ -46,7 +47,7 @@ def train(
     batches_per_epoch = math.ceil(len(shots) / spec.batch_size)
     total = spec.epochs * batches_per_epoch
     generator = torch.Generator().manual_seed(seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = autocast_for(device)  # bf16 on CUDA
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start, step, loss = time.perf_counter(), 0, torch.zeros(())
