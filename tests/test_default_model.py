@@ -1,6 +1,5 @@
 """The embedded default base (METHODS.md §7), built from the two PyPI packages."""
 
-
 import pytest
 
 from conftest import SHARED_DATA

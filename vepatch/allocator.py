@@ -3,7 +3,7 @@
 By default glibc serves every allocation above ~128 KiB-32 MiB with its own mmap() and returns it
 on free, so each forward pass of a CNN at batch 32-64 maps, zero-fills and unmaps hundreds of MB:
 on this project's 2-core CPU box the kernel time (page faults) was larger than the compute
-(`/usr/bin/time`: 3 min 20 s sys vs 2 min 32 s user for one guard). Raising the mmap and trim
+(`time` on one guard run under cProfile: 3 min 20 s sys vs 2 min 32 s user). Raising the mmap and trim
 thresholds keeps freed blocks for reuse (README, "Speed": 2.2-2.6x on the guard's forward
 passes). The price: the process keeps its peak heap until it exits. The command line calls this
 once at start; VEPATCH_MALLOC=system leaves glibc's defaults alone (for A/B measurements).

@@ -45,7 +45,7 @@ def command(fn=None, *, name: str | None = None, sharded: bool = False):
         from . import distributed
         from .allocator import tune
 
-        out.quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone prints results
+        out.quiet = not distributed.is_writer()  # under torchrun, rank 0 alone prints results
         tune()
         try:
             if distributed.launched() and not sharded:

@@ -42,7 +42,10 @@ def active() -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    """This process's rank: the group's once joined, torchrun's RANK before that, else 0."""
+    if active():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 def is_writer() -> bool:
@@ -55,25 +58,23 @@ def my_share(n: int) -> range:
     return range(dist.get_rank(), n, dist.get_world_size()) if active() else range(n)
 
 
+def _everyone(obj) -> list:
+    """`obj` from every rank, in rank order (just [obj] outside a group)."""
+    if not active():
+        return [obj]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def gather_dict(local: dict[int, T]) -> dict[int, T]:
     """Every rank's entries, merged, on every rank."""
-    if not active():
-        return local
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
-    merged: dict[int, T] = {}
-    for part in parts:
-        merged.update(part)
-    return merged
+    return {k: v for part in _everyone(local) for k, v in part.items()}
 
 
 def all_true(flag: bool) -> bool:
     """True when `flag` holds on every rank (so all ranks take the same branch)."""
-    if not active():
-        return flag
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, bool(flag))
-    return all(parts)
+    return all(_everyone(bool(flag)))
 
 
 def shutdown() -> None:

@@ -17,8 +17,8 @@ from .models import LoadedModel
 from .passes import DEFAULT_BUDGET_BYTES, Budget, Predictions, SuiteInputs
 from .predcache import PredictionCache, key
 from .recipe import GuardSpec
-from .towers import describe_tower
 from .records import StrengthResult, SuiteResult
+from .towers import describe_tower
 
 
 @dataclass

@@ -17,6 +17,7 @@ per-example predictions are gathered, so every rank holds the single-process res
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -74,15 +75,16 @@ class SuiteInputs:
         self.budget = budget or Budget(0)
         self.labels = np.array(images.labels, dtype=np.int64)
         self.stand_in: Optional[torch.Tensor] = None  # one image, for what runs before the entry
+        self.kept: dict[int, torch.Tensor] = {}  # batch index -> its input at the entry
         self._batch(batch_size)
 
     def _batch(self, batch_size: int) -> None:
         """(Re)cut the set into batches; anything kept for the old cut is let go."""
         self.batch_size, n = max(1, batch_size), len(self.images)
         self.bounds = [(i, min(n, i + self.batch_size)) for i in range(0, n, self.batch_size)]
-        for t in getattr(self, "kept", {}).values():
+        for t in self.kept.values():
             self.budget.give(t)
-        self.kept: dict[int, torch.Tensor] = {}
+        self.kept = {}
 
     def _decode(self, b: int) -> torch.Tensor:
         data = TorchImages(self.images, self.preprocess)
@@ -99,7 +101,7 @@ class SuiteInputs:
             with autocast(device):
                 x = capture(model, self.entry, x)
         if self.budget.take(x):
-            self.kept[b] = x.cpu() if x.device.type != "cpu" else x
+            self.kept[b] = x.cpu()  # the same tensor when already on the CPU
         return x
 
     def features(self, model, b: int, device: str) -> torch.Tensor:
@@ -149,9 +151,8 @@ def capture(model, entry: str, x: torch.Tensor) -> torch.Tensor:
 
     handle = model.get_submodule(entry).register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        model.encode_image(x, normalize=True)
-    except _Stop:
-        pass
+        with contextlib.suppress(_Stop):  # the hook stops the pass once it has the input
+            model.encode_image(x, normalize=True)
     finally:
         handle.remove()
     return seen[0]

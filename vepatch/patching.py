@@ -20,7 +20,7 @@ from .diagnose import Masks, build_masks, mean_gradients
 from .errors import DataError, UsageError
 from .guard import Suite, choose, predictions_hash, search_strengths
 from .heads import text_head
-from .methods import MASKED_METHODS, WISE_ALPHA
+from .methods import MASKED_METHODS
 from .methods.build import build_trainable
 from .methods.train import train
 from .models import fingerprint
@@ -109,8 +109,6 @@ def run_apply(ctx: Context, recipe: Recipe, diagnosis: str = "latest", progress:
 
     stats = retry_on_oom(attempt, spec.batch_size, f"apply --method {spec.method}")
     delta = trainable.delta()
-    if spec.method == "full+wise":
-        delta = delta.scaled(WISE_ALPHA)
     allowed = dict(sorted(trainable.summary.items()))
     del visual, trainable
 

@@ -8,7 +8,7 @@ from ..diagnose import Masks, head_rows
 from ..errors import UsageError
 from ..recipe import ApplySpec
 from ..towers import Tower
-from . import METHODS, MASKED_METHODS
+from . import MASKED_METHODS, METHODS, WISE_ALPHA
 from .trainable import Trainable
 
 
@@ -23,6 +23,8 @@ def build_trainable(method: str, visual: nn.Module, tower: Tower, masks: Masks |
     if method in ("full", "full+wise"):
         for name, _ in visual.named_parameters():
             t.add_masked(f"visual.{name}", None)
+        if method == "full+wise":
+            t.keep = WISE_ALPHA
     elif method == "ln":
         for name in tower.norms:
             t.add_masked(name, None)

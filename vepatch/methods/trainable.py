@@ -48,6 +48,7 @@ class Trainable:
     lowrank: dict[str, LowRankChange] = field(default_factory=dict)
     extract_extra: Optional[Callable[[], Delta]] = None  # methods with their own delta (peft)
     summary: dict[str, int] = field(default_factory=dict)  # param -> entries allowed to change
+    keep: float = 1.0  # share of the trained change the delta keeps (WiSE-FT mixing for full+wise)
 
     def add_masked(self, full_name: str, mask: Optional[torch.Tensor]) -> None:
         """Train parameter `full_name` ('visual.…'), changing only `mask`'s entries (None: all)."""
@@ -110,7 +111,7 @@ class Trainable:
             out.add_lowrank(name, up, change.down.detach().float().cpu())
         if self.extract_extra is not None:
             out.tensors.update(self.extract_extra().tensors)
-        return out
+        return out.scaled(self.keep)
 
 
 def _param(visual: nn.Module, full_name: str) -> nn.Parameter:
