@@ -51,7 +51,7 @@ def fitted_bundle(tmp_path_factory):
 
     from vepatch.data import open_image_set
     from vepatch.evaluate import loader
-    from vepatch.heads import compute_text_head
+    from vepatch.models.heads import compute_text_head
     from vepatch.losses import ce_loss
     from vepatch.models import load_model
 

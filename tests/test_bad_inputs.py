@@ -140,7 +140,7 @@ def test_bad_patch_is_refused_never_loaded(promoted, tmp_path, case):
 
 
 def test_cuda_out_of_memory_is_retried_then_one_clear_error(ws, tmp_path, monkeypatch):
-    from vepatch.passes import SuiteInputs
+    from vepatch.runtime.passes import SuiteInputs
 
     sizes = []
 

@@ -63,11 +63,11 @@ def test_unknown_class_folder_exits_1_with_one_line(make_workspace, vit_bundle, 
 
 def test_nothing_to_diagnose_exits_4(make_workspace, vit_bundle, tmp_path, monkeypatch):
     import vepatch.diagnose as diag_mod
-    from vepatch.evaluate import Predictions
+    from vepatch.runtime.passes import Predictions
 
     root = make_workspace(vit_bundle)
     errors = tiny.make_folder(tmp_path / "errors", 2)
-    monkeypatch.setattr(diag_mod, "predict", lambda loaded, head, s, **kw: Predictions(
+    monkeypatch.setattr(diag_mod, "predict", lambda loaded, head, s, *args, **kw: Predictions(
         __import__("numpy").array(s.labels), __import__("numpy").array(s.labels)))
     result = runner.invoke(app, ["diagnose", str(errors), "-C", str(root)])
     assert result.exit_code == 4 and "already classifies all" in result.output

@@ -5,7 +5,7 @@ import pytest
 from conftest import SHARED_DATA
 from vepatch.data import open_image_set, resolve_path
 from vepatch.evaluate import predict
-from vepatch.heads import text_head
+from vepatch.models.heads import text_head
 from vepatch.models import load_model
 
 TEXTILE = "pkg:conformal_clip_data/data/textile_images/simulated"
@@ -29,7 +29,7 @@ def test_default_base_on_known_textile_images(default_model, tmp_path):
     s = open_image_set(root, ["nominal", "local defect", "global defect"],
                        {"local": "local defect", "global": "global defect"}, max_per_class=10)
     head = text_head(default_model, s.classnames, ["a photo of {} fabric."])
-    p = predict(default_model, head, s, batch_size=30)
+    p = predict(default_model, head, s, 30, "cpu")
     assert (p.preds != 0).all()  # never 'nominal'
     assert 0.05 <= p.accuracy <= 0.4
 
@@ -38,4 +38,4 @@ def test_default_base_on_known_textile_images(default_model, tmp_path):
 def test_default_base_on_imagenette_sample(default_model):
     s = open_image_set(SHARED_DATA / "imagenette-guard", max_per_class=10)
     head = text_head(default_model, s.classnames, ["a photo of a {}."])
-    assert predict(default_model, head, s).accuracy >= 0.65  # ~78% on all 600
+    assert predict(default_model, head, s, 32, "cpu").accuracy >= 0.65  # ~78% on all 600

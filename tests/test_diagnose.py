@@ -4,11 +4,13 @@ import torch
 
 import tiny
 from vepatch.data import open_image_set
-from vepatch.diagnose import build_masks, diagnose, head_rows, mean_gradients, score_heads, select_fc1
+from vepatch.diagnose import diagnose, mean_gradients
+from vepatch.recipe import DiagnoseSpec
+from vepatch.masks import build_masks, head_rows, score_heads, select_fc1
 from vepatch.evaluate import predict
-from vepatch.heads import text_head
+from vepatch.models.heads import text_head
 from vepatch.models import load_model
-from vepatch.towers import describe_tower
+from vepatch.models.towers import describe_tower
 
 
 def _fitted(bundle):
@@ -20,7 +22,7 @@ def _fitted(bundle):
 @pytest.mark.parametrize("block,head_index", [(2, 1), (1, 3)])
 def test_planted_fault_is_ranked_first(fitted_bundle, tmp_path, block, head_index):
     loaded, head = _fitted(fitted_bundle)
-    assert predict(loaded, head, open_image_set(tiny.make_folder(tmp_path / "clean", 8, seed=2))).accuracy == 1.0
+    assert predict(loaded, head, open_image_set(tiny.make_folder(tmp_path / "clean", 8, seed=2)), 32, "cpu").accuracy == 1.0
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         blk = loaded.model.visual.transformer.resblocks[block]
@@ -30,7 +32,7 @@ def test_planted_fault_is_ranked_first(fitted_bundle, tmp_path, block, head_inde
         rows = head_rows(qkv.shape[0], [head_index], blk.attn.num_heads)
         qkv[rows] += 10 * torch.randn(int(rows.sum()), qkv.shape[1], generator=g)
     errors = open_image_set(tiny.make_folder(tmp_path / "errors", 8, seed=2))
-    d, _ = diagnose(loaded, head, errors)
+    d, _ = diagnose(loaded, head, errors, "base", DiagnoseSpec(), 0, "cpu")
     assert d.n_errors > 0 and d.n_errors + len(d.already_right) == d.n_images
     assert d.blocks[0].block == f"transformer.resblocks.{block}"
     top_fc1 = next(l for l in d.loci if l.kind == "fc1")
@@ -66,7 +68,7 @@ def test_random_control_spends_the_same_budget(vit_bundle, tmp_path):
     tower = describe_tower(loaded.model)
     errors = open_image_set(tiny.make_folder(tmp_path / "e", 4))
     head = text_head(loaded, errors.classnames, ["a photo of a {}."])
-    grads = mean_gradients(loaded, head, errors, tower.fc1 + tower.qkv)
+    grads = mean_gradients(loaded, head, errors, tower.fc1 + tower.qkv, 32, 1000, "cpu", 0)
     chosen = build_masks(grads, tower, 0.1, 2)
     random = build_masks(grads, tower, 0.1, 2, control="random", seed=3)
     for name in tower.fc1:
@@ -82,7 +84,7 @@ def test_cnn_tower_scores_expansion_convs(cnn_bundle, tmp_path):
     assert all(n.endswith("conv_pw.weight") for n in tower.fc1) and tower.proj.endswith("head.proj.weight")
     errors = open_image_set(tiny.make_folder(tmp_path / "e", 4))
     head = text_head(loaded, errors.classnames, ["a photo of a {}."])
-    d, masks = diagnose(loaded, head, errors, fc1_fraction=0.2)
+    d, masks = diagnose(loaded, head, errors, "base", DiagnoseSpec(fc1_fraction=0.2), 0, "cpu")
     assert {l.kind for l in d.loci} == {"fc1"} and d.heads_per_layer == 0
     for name, mask in masks.fc1.items():
         assert mask.sum() == int(np.ceil(0.2 * mask.numel()))

@@ -14,12 +14,12 @@ import tiny
 from vepatch.delta import Delta, apply_delta, restore
 from vepatch.evaluate import predict
 from vepatch.guard import Suite, search_strengths
-from vepatch.heads import text_head
+from vepatch.models.heads import text_head
 from vepatch.models import load_model
-from vepatch.passes import Budget, SuiteInputs
-from vepatch.predcache import PredictionCache
+from vepatch.runtime.passes import Budget, SuiteInputs
+from vepatch.runtime.predcache import PredictionCache
 from vepatch.recipe import GuardSpec
-from vepatch.towers import describe_tower
+from vepatch.models.towers import describe_tower
 
 
 def _images(tmp_path, n=7):
@@ -63,14 +63,14 @@ def test_kept_inputs_give_the_plain_predictions_at_every_strength(request, tmp_p
     entry = describe_tower(loaded.model).entry_for(delta.params)
     assert entry  # something before the change is kept
     inputs = SuiteInputs(images, loaded.preprocess, 3, entry, Budget(1 << 30))
-    assert np.array_equal(inputs.predict(loaded.model, head, "cpu").preds, predict(loaded, head, images, 3).preds)
+    assert np.array_equal(inputs.predict(loaded.model, head, "cpu").preds, predict(loaded, head, images, 3, "cpu").preds)
     assert len(inputs.kept) == len(inputs.bounds) == 7  # 21 images in batches of 3
     batch = torch.stack([loaded.preprocess(images.load(s)) for s in images.samples[:3]])
     with torch.no_grad():
         before = loaded.model.encode_image(batch, normalize=True)
     for strength in (1.0, 0.5):
         originals = apply_delta(loaded.model, delta, strength)
-        fast, plain = inputs.predict(loaded.model, head, "cpu"), predict(loaded, head, images, 3)
+        fast, plain = inputs.predict(loaded.model, head, "cpu"), predict(loaded, head, images, 3, "cpu")
         with torch.no_grad():
             features = loaded.model.encode_image(batch, normalize=True)
             assert torch.equal(inputs.features(loaded.model, 0, "cpu"), features)  # bit for bit
@@ -89,7 +89,7 @@ def test_budget_bounds_what_is_kept(vit_bundle, tmp_path):
     head = text_head(loaded, images.classnames, ["a photo of a {}."])
     one_batch = 3 * 3 * 32 * 32 * 4  # one batch: three preprocessed images, float32
     inputs = SuiteInputs(images, loaded.preprocess, 3, "", Budget(one_batch))
-    assert np.array_equal(inputs.predict(loaded.model, head, "cpu").preds, predict(loaded, head, images, 3).preds)
+    assert np.array_equal(inputs.predict(loaded.model, head, "cpu").preds, predict(loaded, head, images, 3, "cpu").preds)
     assert list(inputs.kept) == [0]
 
 

@@ -59,7 +59,7 @@ def test_lorsu_masked_entries_stay_bit_identical_and_delta_reproduces(make_works
     assert changed_fc1 > 0
     # the delta re-read from disk gives the same outputs as the candidate
     x = torch.randn(2, 3, 32, 32)
-    reread = Delta.from_file(store.candidate_dir(ws, cand.candidate_id) / store.DELTA_FILE)
+    reread = Delta.from_file(ws.candidate_dir(cand.candidate_id) / store.DELTA_FILE)
     again = load_model(f"local-dir:{vit_bundle}")
     apply_delta(again.model, reread)
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_guard_accepts_writes_version_and_export_loads_in_open_clip(make_workspa
     result, _ = _invoke("export", "v1", "--out", str(tmp_path / "exp"), "-C", str(root))
     assert result.exit_code == 0, result.output
     plain = open_clip.create_model(f"local-dir:{tmp_path / 'exp'}").eval()
-    from vepatch.session import open_context
+    from vepatch.context import open_context
 
     ctx = open_context(root)
     ours, _ = ctx.model("v1")
@@ -120,7 +120,7 @@ def test_guard_refuses_a_harmful_candidate(make_workspace, fitted_bundle, tmp_pa
     assert result.exit_code == 3, result.output
     assert not report["accepted"] and report["version"] == ""
     assert store.versions(ws) == [] and store.head(ws) == "base"
-    assert (store.candidate_dir(ws, manifest["candidate_id"]) / "guard.json").is_file()
+    assert (ws.candidate_dir(manifest["candidate_id"]) / "guard.json").is_file()
 
 
 def test_tampered_and_foreign_patches_are_refused(make_workspace, vit_bundle, tmp_path):
@@ -145,8 +145,8 @@ def test_tampered_and_foreign_patches_are_refused(make_workspace, vit_bundle, tm
 KILL_MIDWAY = """
 import os, signal, sys
 from vepatch import store
-from vepatch.session import open_context
-from vepatch.patching import run_guard
+from vepatch.context import open_context
+from vepatch.guard import run_guard
 real = store.write_text_atomic
 def dying(path, text):
     if path.name == store.MANIFEST_FILE:  # patch and verdict written, manifest not yet
@@ -217,7 +217,7 @@ def test_export_peft_for_a_plain_lora_patch(make_workspace, vit_bundle, tmp_path
 
     from vepatch.methods.lora import lora_targets
     from vepatch.models import load_model
-    from vepatch.session import open_context
+    from vepatch.context import open_context
 
     root = _ws(make_workspace, vit_bundle, tmp_path, epochs=2)
     assert _invoke("apply", "-C", str(root), "--diagnosis", "none", "--method", "lora")[0].exit_code == 0

@@ -37,6 +37,13 @@ def _coerce(value: Any, tp: Any, where: str, strict: bool) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"use one of: {', '.join(map(str, choices))}"
+            raise UsageError(f"{where}: '{value}' is not one of {', '.join(map(str, choices))}", hint)
+        return value
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -89,6 +96,8 @@ def _coerce(value: Any, tp: Any, where: str, strict: bool) -> Any:
             raise _type_error(where, "a number", value)
         return float(value)
     if tp is int:
+        if isinstance(value, float) and value.is_integer() and not strict:  # records written as 16.0
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise _type_error(where, "a whole number", value)
         return value

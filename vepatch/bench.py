@@ -5,7 +5,6 @@ evaluation runs here, paired against the parent."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,13 +13,14 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import store
+from . import clock, store
+from ._typed import to_plain
+from .context import Context
 from .delta import apply_delta, restore
 from .errors import VepatchError
-from .guard import mcnemar_p, predict_all
-from .patching import guard_suites
+from .fsio import write_text_atomic
+from .guard import guard_suites, mcnemar_p, predict_all
 from .records import PatchManifest
-from .session import Context
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def apply_in_subprocess(workspace: Path, method: str, seed: int, shots: int, ext
 
     cmd = [sys.executable, "-m", "vepatch", "apply", "-C", str(workspace), "--method", method, "--seed", str(seed),
            "--shots", str(shots), "--diagnosis", "none", "--json", *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VEPATCH_BENCH": "1"})
+    done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise VepatchError(f"bench: apply --method {method} --seed {seed} failed: {done.stderr.strip().splitlines()[-1:]}",
                            "run that apply by hand to see why")
@@ -90,7 +90,7 @@ def run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, ex
             guards = [s.name for s in suites if s.role == "guard"]
             runs.append(BenchRun(
                 method, seed, manifest.candidate_id, manifest.trainable_params, manifest.patch_bytes,
-                manifest.metrics["apply_seconds"], manifest.metrics["peak_memory_mb"],
+                manifest.metrics.apply_seconds, manifest.metrics.peak_memory_mb,
                 base["target-holdout"].accuracy, after["target-holdout"].accuracy,
                 {g: 100 * (after[g].accuracy - base[g].accuracy) for g in guards},
                 {g: mcnemar_p(base[g].correct, after[g].correct) for g in guards},
@@ -99,6 +99,18 @@ def run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, ex
             if progress:
                 progress(step, total)
     return runs
+
+
+def write_bench(ctx: Context, runs: list[BenchRun], methods: list[str], seeds: int) -> tuple[Path, dict]:
+    """.vepatch/bench/<utc>/: bench.json (every run and the summary), bench.md, bench.png."""
+    rows = summarize(runs)
+    folder = ctx.workspace.bench / clock.stamp()
+    result = {"runs": to_plain(runs), "summary": to_plain(rows), "device": ctx.device}
+    write_text_atomic(folder / "bench.json", json.dumps(result, indent=2))
+    write_text_atomic(folder / "bench.md", markdown(rows))
+    plot(runs, rows, folder / "bench.png")
+    ctx.workspace.log("bench", folder=str(folder), methods=methods, seeds=seeds)
+    return folder, result
 
 
 def summarize(runs: list[BenchRun]) -> list[BenchSummary]:
@@ -173,9 +185,12 @@ def plot(runs: list[BenchRun], rows: list[BenchSummary], path: Path) -> Path:
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp)
+    import io
+
+    from .fsio import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    write_bytes_atomic(path, buffer.getvalue())
     return path

@@ -15,17 +15,17 @@ import os
 import shutil
 import signal
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Literal, Optional
 
+from . import clock
 from ._typed import from_plain, to_plain
+from .context import Context, open_guard_suite
 from .data import IMAGE_SUFFIXES
 from .errors import NothingToDo, UsageError
 from .fsio import append_line, write_text_atomic
-from .session import Context, open_guard_suite
 
-STEPS = ("staged", "diagnosed", "applied", "judged", "done")
+Step = Literal["staged", "diagnosed", "applied", "judged", "done"]  # in this order
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class InboxFile:
 @dataclass(frozen=True)
 class CycleState:
     cycle_id: str
-    step: str  # one of STEPS
+    step: Step
     files: list[InboxFile]
     duplicates: list[InboxFile] = field(default_factory=list)
     candidate_id: str = ""
@@ -50,13 +50,18 @@ class CycleState:
 @dataclass(frozen=True)
 class CycleReport:
     cycle_id: str
-    status: str  # promoted | refused | nothing-new | already-right | dry-run
+    status: Literal["promoted", "refused", "nothing-new", "already-right", "dry-run", "locked", "failed"]
     new_images: int
     duplicates: int
     candidate_id: str
     version: str
     reason: str
     resumed: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """What cron reads: 0 promoted (or nothing to learn), 3 refused, 4 nothing new, 5 locked, 1 failed."""
+        return {"refused": 3, "nothing-new": 4, "locked": 5, "failed": 1}.get(self.status, 0)
 
 
 def fault_point(name: str) -> None:
@@ -70,7 +75,7 @@ def file_sha256(path: Path) -> str:
 
 
 def seen_hashes(ctx: Context) -> set[str]:
-    path = ctx.workspace.store / "seen.jsonl"
+    path = ctx.workspace.seen_path
     if not path.is_file():
         return set()
     return {json.loads(line)["sha256"] for line in path.read_text().splitlines() if line.strip()}
@@ -100,16 +105,12 @@ def scan_inbox(ctx: Context) -> tuple[list[InboxFile], list[InboxFile]]:
     return new, dup
 
 
-def _state_path(ctx: Context, cycle_id: str) -> Path:
-    return ctx.workspace.store / "cycles" / cycle_id / "state.json"
-
-
 def save_state(ctx: Context, state: CycleState) -> None:
-    write_text_atomic(_state_path(ctx, state.cycle_id), json.dumps(to_plain(state), indent=2))
+    write_text_atomic(ctx.workspace.cycle_state(state.cycle_id), json.dumps(to_plain(state), indent=2))
 
 
 def unfinished(ctx: Context) -> Optional[CycleState]:
-    folder = ctx.workspace.store / "cycles"
+    folder = ctx.workspace.cycles
     for path in sorted(folder.glob("*/state.json"), reverse=True) if folder.is_dir() else []:
         state = from_plain(CycleState, json.loads(path.read_text()), strict=False)
         if state.step != "done":
@@ -117,10 +118,34 @@ def unfinished(ctx: Context) -> Optional[CycleState]:
     return None
 
 
+def run_logged(ctx: Context, dry_run: bool = False, wait: float = 0.0) -> CycleReport:
+    """`vepatch cycle`: take the workspace lock (waiting up to `wait` s), run one cycle, and
+    record it in log.jsonl, failures included (then re-raised)."""
+    ws = ctx.workspace
+    try:
+        with ws.lock(wait=wait):
+            report = run_cycle(ctx, dry_run=dry_run)
+    except Exception as exc:
+        failed = failure_report(exc)
+        ws.log("cycle", status=failed.status, exit_code=failed.exit_code, reason=failed.reason)
+        raise
+    if not dry_run:
+        ws.log("cycle", status=report.status, exit_code=report.exit_code, cycle=report.cycle_id, new_images=report.new_images,
+               candidate=report.candidate_id, version=report.version, resumed=report.resumed)
+    return report
+
+
+def failure_report(exc: BaseException) -> CycleReport:
+    """The report of a cycle that raised: nothing new (4), locked (5) or failed (1)."""
+    status = {4: "nothing-new", 5: "locked"}.get(getattr(exc, "exit_code", 1), "failed")
+    return CycleReport("", status, 0, 0, "", "", getattr(exc, "message", str(exc)))
+
+
 def run_cycle(ctx: Context, dry_run: bool = False) -> CycleReport:
     """One step; the caller holds the workspace lock."""
-    from .patching import run_apply, run_guard
-    from .session import run_diagnose
+    from .apply import run_apply
+    from .diagnose import run_diagnose
+    from .guard import run_guard
 
     state = unfinished(ctx)
     resumed = state is not None
@@ -131,16 +156,16 @@ def run_cycle(ctx: Context, dry_run: bool = False) -> CycleReport:
                                f"would diagnose, apply and guard {len(new)} new image(s)" if new else "nothing new")
         if not new:
             if dup:
-                _archive(ctx, CycleState("dups-" + _utc(), "judged", [], dup))
+                _archive(ctx, CycleState("dups-" + clock.stamp(), "judged", [], dup))
             raise NothingToDo(f"{inbox_dir(ctx)}: no new image", "operators drop misclassified images into inbox/<class>/")
-        state = CycleState(_utc(), "staged", new, dup)
+        state = CycleState(clock.stamp(), "staged", new, dup)
         _stage(ctx, state)
         save_state(ctx, state)
     elif dry_run:
         return CycleReport(state.cycle_id, "dry-run", len(state.files), len(state.duplicates), state.candidate_id,
                            state.version, f"would resume the unfinished cycle at step '{state.step}'", True)
     fault_point("after-stage")
-    errors_dir = _state_path(ctx, state.cycle_id).parent / "errors"
+    errors_dir = ctx.workspace.cycle_errors(state.cycle_id)
 
     if state.step == "staged":
         try:
@@ -170,7 +195,7 @@ def run_cycle(ctx: Context, dry_run: bool = False) -> CycleReport:
 
 def _stage(ctx: Context, state: CycleState) -> None:
     """Copy the new images (by hash) into the cycle's own errors/ folder: diagnose reads that."""
-    errors = _state_path(ctx, state.cycle_id).parent / "errors"
+    errors = ctx.workspace.cycle_errors(state.cycle_id)
     for f in state.files:
         src = ctx.workspace.root / f.source
         target = errors / f.label / (f.sha256[:16] + src.suffix.lower())
@@ -181,8 +206,8 @@ def _stage(ctx: Context, state: CycleState) -> None:
 def _archive(ctx: Context, state: CycleState) -> None:
     """Move the cycle's inbox files to archive/<date>/<class>/ (idempotent), then mark done."""
     root = ctx.workspace.root
-    dest = root / "archive" / state.cycle_id[:8]
-    seen_path = ctx.workspace.store / "seen.jsonl"
+    dest = ctx.workspace.archive_day(state.cycle_id[:8])
+    seen_path = ctx.workspace.seen_path
     recorded = seen_hashes(ctx)
     for i, f in enumerate([*state.files, *state.duplicates]):
         src = root / f.source
@@ -201,10 +226,6 @@ def _archive(ctx: Context, state: CycleState) -> None:
         save_state(ctx, dataclasses.replace(state, step="done"))
 
 
-def _utc() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-
-
 # --- stream mode: LoRSU's continual protocol ------------------------------------------------
 
 
@@ -216,6 +237,20 @@ class StreamRound:
     target_accuracy: dict[str, float]  # every accepted target holdout so far -> HEAD's accuracy
     guard_accuracy: dict[str, float]  # every guard suite -> HEAD's accuracy
     chain_bytes: int  # total size of the patch files from base to HEAD
+
+
+def run_stream(ctx: Context, stream: Path, wait: float = 0.0,
+               on_round: Optional[Callable[[StreamRound], None]] = None) -> list[StreamRound]:
+    """`vepatch cycle --stream`: HEAD measured at the start, then one cycle per round."""
+    rounds = []
+    with ctx.workspace.lock(wait=wait):
+        rounds.append(measure_head(ctx, "start", "-"))
+        for round_dir in stream_rounds(ctx.resolve(stream)):
+            rounds.append(run_stream_round(ctx, round_dir))
+            ctx.workspace.log("stream-round", round=round_dir.name, status=rounds[-1].status, version=rounds[-1].version)
+            if on_round:
+                on_round(rounds[-1])
+    return rounds
 
 
 def stream_rounds(stream: Path) -> list[Path]:
@@ -247,9 +282,9 @@ def run_stream_round(ctx: Context, round_dir: Path) -> StreamRound:
 
 def measure_head(ctx: Context, name: str, status: str) -> StreamRound:
     from . import store
+    from .data import open_holdout
     from .evaluate import predict
-    from .heads import text_head
-    from .patching import holdout_set
+    from .models.heads import text_head
 
     ws = ctx.workspace
     version = store.head(ws)
@@ -258,7 +293,7 @@ def measure_head(ctx: Context, name: str, status: str) -> StreamRound:
     chain = store.chain(ws, version) if version != "base" else []
     for v in chain:
         ref = store.read_manifest(ws, v).holdout
-        images = holdout_set(ref)
+        images = open_holdout(ref)
         targets[f"{v}:{ref.name}"] = predict(
             loaded, text_head(loaded, images.classnames, ref.templates), images, ctx.recipe.batch_size, ctx.device).accuracy
     guards = {}
@@ -268,5 +303,5 @@ def measure_head(ctx: Context, name: str, status: str) -> StreamRound:
         images = open_guard_suite(ctx, spec)
         guards[images.name] = predict(loaded, text_head(loaded, images.classnames, spec.templates), images,
                                       ctx.recipe.batch_size, ctx.device).accuracy
-    size = sum((store.version_dir(ws, v) / store.PATCH_FILE).stat().st_size for v in chain)
+    size = sum(store.read_manifest(ws, v).patch_bytes for v in chain)
     return StreamRound(name, status, version, targets, guards, size)

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import DataError, UsageError
-from .records import SkippedFile
+from .records import HoldoutRef, SkippedFile
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MAX_PIXELS = 64_000_000  # larger images are refused as decompression bombs
@@ -276,6 +276,18 @@ def split_shots(
         rest = idx[shots:]
         holdout += rest[:holdout_per_class] if holdout_per_class else rest
     return sorted(train), sorted(holdout)
+
+
+def open_holdout(ref: HoldoutRef) -> ImageSet:
+    """The images a manifest recorded as its target holdout (image files, or rows of a saved
+    dataset: 'root#index')."""
+    if ref.sources and "#" in ref.sources[0]:
+        root = ref.sources[0].rsplit("#", 1)[0]
+        full = open_image_set(Path(root), ref.classnames, name=ref.name)
+        by_source = {s.source: i for i, s in enumerate(full.samples)}
+        return full.subset([by_source[s] for s in ref.sources], ref.name)
+    root = str(Path(ref.sources[0]).parent.parent) if ref.sources else ""
+    return ImageSet(ref.name, root, list(ref.classnames), [Sample(s, y) for s, y in zip(ref.sources, ref.labels)])
 
 
 class TorchImages:

@@ -127,3 +127,14 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def patched_fingerprint(model: nn.Module, delta: Delta, strength: float = 1.0) -> str:
+    """The vision tower's fingerprint with `delta` applied at `strength`; `model` is left as it was."""
+    from .models import fingerprint
+
+    originals = apply_delta(model, delta, strength)
+    try:
+        return fingerprint(model.visual)
+    finally:
+        restore(model, originals)

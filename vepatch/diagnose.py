@@ -17,48 +17,31 @@ stays LoRSU's: per-layer, where that depth bias cancels.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from . import clock
+from .context import Context, open_target_set
 from .data import ImageSet
 from .errors import NothingToDo, UsageError
 from .evaluate import loader, predict
 from .losses import ce_loss, zero_shot_logits
+from .masks import Masks, build_masks, score_heads
 from .models import LoadedModel
+from .models.heads import text_head
+from .models.towers import describe_tower
+from .recipe import DiagnoseSpec, with_overrides
 from .records import BlockScore, Confusion, Diagnosis, Locus
-from .towers import Tower, describe_tower
-
-
-@dataclass
-class Masks:
-    """What a diagnosis selects: entry masks for fc1 weights, head indices for Q/K/V weights."""
-
-    fc1: dict[str, torch.Tensor]  # param name -> bool mask, same shape as the weight
-    heads: dict[str, list[int]]  # Q/K/V param name -> selected head indices
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"fc1/{k}": v.to(torch.uint8).contiguous() for k, v in self.fc1.items()}
-        out.update({f"heads/{k}": torch.tensor(v, dtype=torch.int64) for k, v in self.heads.items()})
-        return out
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Masks":
-        fc1 = {k[4:]: v.bool() for k, v in tensors.items() if k.startswith("fc1/")}
-        heads = {k[6:]: [int(h) for h in v.tolist()] for k, v in tensors.items() if k.startswith("heads/")}
-        return cls(fc1, heads)
-
-    @property
-    def selected_entries(self) -> int:
-        return int(sum(int(m.sum()) for m in self.fc1.values()))
 
 
 def mean_gradients(
     loaded: LoadedModel, head: torch.Tensor, image_set: ImageSet, params: list[str],
-    batch_size: int = 32, max_samples: int = 1000, device: str = "cpu", seed: int = 0, objective: str = "ce",
+    batch_size: int, max_samples: int, device: str, seed: int, objective: str = "ce",
 ) -> dict[str, torch.Tensor]:
     """Mean over examples of d(objective)/d(param) for the named parameters (one pass, signed).
     objective 'ce': the training loss (LoRSU); 'logit-norm': ||logits||^2, label-free (SPU)."""
@@ -93,61 +76,14 @@ def taylor(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (grad * weight.detach().cpu()).pow(2)
 
 
-def select_fc1(grad: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Boolean mask of the top `fraction` entries of |grad| in this layer."""
-    k = max(1, math.ceil(fraction * grad.numel()))
-    flat = grad.abs().reshape(-1)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[torch.topk(flat, k, sorted=False).indices] = True
-    return mask.reshape(grad.shape)
-
-
-def score_heads(grad: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Per-head sum of squared mean gradients over its Q, K and V rows: (num_heads,)."""
-    width = grad.shape[1]
-    return grad.reshape(3, num_heads, width // num_heads, width).pow(2).sum(dim=(0, 2, 3))
-
-
-def head_rows(num_rows: int, heads: list[int], num_heads: int) -> torch.Tensor:
-    """Boolean (3W,) mask of the Q, K and V rows of the given heads."""
-    width = num_rows // 3
-    head_dim = width // num_heads
-    mask = torch.zeros(3, num_heads, head_dim, dtype=torch.bool)
-    mask[:, heads] = True
-    return mask.reshape(-1)
-
-
-def build_masks(grads, tower: Tower, fraction: float, k: int, control: str = "none", seed: int = 0) -> Masks:
-    generator = torch.Generator().manual_seed(seed)
-    fc1, heads = {}, {}
-    for name in tower.fc1:
-        if control == "random":
-            n = grads[name].numel()
-            chosen = torch.randperm(n, generator=generator)[: max(1, math.ceil(fraction * n))]
-            mask = torch.zeros(n, dtype=torch.bool)
-            mask[chosen] = True
-            fc1[name] = mask.reshape(grads[name].shape)
-        else:
-            fc1[name] = select_fc1(grads[name], fraction)
-    for name in tower.qkv:
-        top = min(k, tower.num_heads)
-        if control == "random":
-            heads[name] = sorted(torch.randperm(tower.num_heads, generator=generator)[:top].tolist())
-        else:
-            heads[name] = sorted(torch.topk(score_heads(grads[name], tower.num_heads), top).indices.tolist())
-    return Masks(fc1, heads)
-
-
 def diagnose(
-    loaded: LoadedModel, head: torch.Tensor, errors: ImageSet, version: str = "base",
-    fc1_fraction: float = 0.1, heads_per_layer: int = 2, max_samples: int = 1000, batch_size: int = 32,
-    control: str = "none", seed: int = 0, device: str = "cpu", masks_file: str = "",
+    loaded: LoadedModel, head: torch.Tensor, errors: ImageSet, version: str, spec: DiagnoseSpec, seed: int, device: str,
 ) -> tuple[Diagnosis, Masks]:
     """Find the loci responsible for the misclassified images in `errors`."""
-    if control not in ("none", "random"):
-        raise UsageError(f"unknown control '{control}'", "use --control none or --control random")
+    if spec.control not in ("none", "random"):  # a flag bypasses the recipe's type check
+        raise UsageError(f"unknown control '{spec.control}'", "use --control none or --control random")
     tower = describe_tower(loaded.model)
-    predictions = predict(loaded, head, errors, batch_size=batch_size, device=device)
+    predictions = predict(loaded, head, errors, spec.batch_size, device)
     wrong = np.flatnonzero(~predictions.correct)
     right = np.flatnonzero(predictions.correct)
     if len(wrong) == 0:
@@ -165,8 +101,8 @@ def diagnose(
     ]
 
     error_set = errors.subset(wrong.tolist())
-    grads = mean_gradients(loaded, head, error_set, tower.fc1 + tower.qkv, batch_size, max_samples, device, seed)
-    masks = build_masks(grads, tower, fc1_fraction, heads_per_layer, control, seed)
+    grads = mean_gradients(loaded, head, error_set, tower.fc1 + tower.qkv, spec.batch_size, spec.max_samples, device, seed)
+    masks = build_masks(grads, tower, spec.fc1_fraction, spec.heads_per_layer, spec.control, seed)
 
     weights = dict(loaded.model.named_parameters())
     loci, block_totals = [], {b: 0.0 for b in tower.blocks}
@@ -190,7 +126,7 @@ def diagnose(
     )
     top = max(1, math.ceil(0.1 * len(blocks)))
     diagnosis = Diagnosis(
-        created=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ"),
+        created=clock.stamp(),
         version=version,
         fingerprint=loaded.fingerprint,
         errors_dir=errors.root,
@@ -201,11 +137,11 @@ def diagnose(
         loci=loci,
         blocks=blocks,
         concentration_top10=sum(b.share for b in blocks[:top]),
-        fc1_fraction=fc1_fraction,
-        heads_per_layer=heads_per_layer if tower.qkv else 0,
-        control=control,
+        fc1_fraction=spec.fc1_fraction,
+        heads_per_layer=spec.heads_per_layer if tower.qkv else 0,
+        control=spec.control,
         seed=seed,
-        masks_file=masks_file,
+        masks_file="",  # named when written (run_diagnose)
         # each head owns 1/num_heads of its block's Q/K/V weight
         selected_params=masks.selected_entries + sum(
             len(h) * grads[n].numel() // tower.num_heads for n, h in masks.heads.items()
@@ -217,3 +153,29 @@ def diagnose(
 
 def _short(block: str) -> str:
     return block.removeprefix("visual.")
+
+
+def run_diagnose(ctx: Context, errors_dir: Path, overrides: dict[str, Any]) -> tuple[Diagnosis, Path]:
+    """`vepatch diagnose`: score the current version on the misclassified images and write
+    .vepatch/diagnoses/<utc>.json with its masks beside it."""
+    from safetensors.torch import save
+
+    from .fsio import write_bytes_atomic, write_text_atomic
+    from .records import to_json
+
+    ws = ctx.workspace
+    recipe = with_overrides(ctx.recipe, overrides)
+    if not recipe.classes:
+        raise UsageError(f"{ws.recipe_path}: the recipe names no classes", "list the target classes under `classes:`")
+    errors = open_target_set(ctx, ctx.resolve(errors_dir), "errors")
+    loaded, version = ctx.model()
+    head = text_head(loaded, recipe.classes, recipe.templates)
+    with ws.lock():
+        diagnosis, masks = diagnose(loaded, head, errors, version, recipe.diagnose, recipe.seed, ctx.device)
+        diagnosis = dataclasses.replace(diagnosis, masks_file=ws.diagnosis_masks(diagnosis.created).name)
+        write_bytes_atomic(ws.diagnosis_masks(diagnosis.created), save(masks.to_tensors()))
+        path = ws.diagnosis_file(diagnosis.created)
+        write_text_atomic(path, to_json(diagnosis))
+        ws.log("diagnose", file=path.name, errors=diagnosis.n_errors, images=diagnosis.n_images,
+               concentration_top10=diagnosis.concentration_top10, control=diagnosis.control)
+    return diagnosis, path

@@ -36,12 +36,6 @@ class StoreError(VepatchError):
     """A workspace store that is corrupt, tampered with or bound to another base."""
 
 
-class RefusedError(VepatchError):
-    """The guard refused a candidate: it is kept for inspection, never promoted."""
-
-    exit_code = 3
-
-
 class NothingToDo(VepatchError):
     """No new errors, no candidate: nothing was changed."""
 

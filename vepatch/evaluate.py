@@ -1,4 +1,5 @@
-"""Run a model over a labelled set: per-example predictions, accuracy, recall, confusion."""
+"""Run a model over a labelled set: per-example predictions, accuracy, recall, confusion
+(`vepatch eval`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .context import Context, set_and_templates
 from .data import ImageSet, TorchImages
 from .models import LoadedModel
-from .passes import Predictions, SuiteInputs
+from .models.heads import text_head
 from .records import EvalReport
+from .runtime.passes import Predictions, SuiteInputs
 
 
 def loader(image_set: ImageSet, preprocess, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
@@ -21,7 +27,7 @@ def loader(image_set: ImageSet, preprocess, batch_size: int, shuffle: bool = Fal
     )
 
 
-def predict(loaded: LoadedModel, head: torch.Tensor, image_set: ImageSet, batch_size: int = 64, device: str = "cpu") -> Predictions:
+def predict(loaded: LoadedModel, head: torch.Tensor, image_set: ImageSet, batch_size: int, device: str) -> Predictions:
     """Per-example predictions, one plain pass (nothing kept)."""
     return SuiteInputs(image_set, loaded.preprocess, batch_size).predict(loaded.model, head, device)
 
@@ -43,3 +49,16 @@ def report(predictions: Predictions, image_set: ImageSet, version: str) -> EvalR
         confusion=confusion.tolist(),
         skipped=list(image_set.skipped),
     )
+
+
+def evaluate_set(ctx: Context, data: Path, version: Optional[str] = None, templates: Optional[Sequence[str]] = None,
+                 batch_size: Optional[int] = None) -> EvalReport:
+    """`vepatch eval`: a version's accuracy, recall and confusions on a labelled set."""
+    image_set, templates = set_and_templates(ctx, data, templates)
+    loaded, name = ctx.model(version)
+    head = text_head(loaded, image_set.classnames, templates)
+    predictions = predict(loaded, head, image_set, batch_size or ctx.recipe.batch_size, ctx.device)
+    result = report(predictions, image_set, name)
+    if ctx.workspace:
+        ctx.workspace.log("eval", data=str(data), version=name, accuracy=result.accuracy, n=result.n)
+    return result

@@ -8,8 +8,9 @@ import shutil
 from pathlib import Path
 
 from .errors import UsageError
-from .fsio import write_text_atomic
-from .models import DEFAULT_REF, LoadedModel, ensure_default_bundle
+from .fsio import write_bytes_atomic, write_text_atomic
+from .models import LoadedModel
+from .models.default import DEFAULT_REF, ensure_default_bundle
 
 
 def _source_config(ref: str) -> tuple[dict, Path | None]:
@@ -29,7 +30,7 @@ def _source_config(ref: str) -> tuple[dict, Path | None]:
 
 def export_bundle(loaded: LoadedModel, ref: str, out: Path, version: str) -> Path:
     """Write open_clip_config.json + open_clip_model.safetensors of the merged model."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     config, folder = _source_config(ref)
     out = out.resolve()
@@ -44,16 +45,15 @@ def export_bundle(loaded: LoadedModel, ref: str, out: Path, version: str) -> Pat
             text_cfg["hf_model_name"] = str(out)
             text_cfg["hf_tokenizer_name"] = str(out)
     state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
-    tmp = out / ".open_clip_model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"vepatch_version": version, "fingerprint": loaded.fingerprint})
-    tmp.replace(out / "open_clip_model.safetensors")
+    write_bytes_atomic(out / "open_clip_model.safetensors",
+                       save(state, metadata={"vepatch_version": version, "fingerprint": loaded.fingerprint}))
     write_text_atomic(out / "open_clip_config.json", json.dumps(config, indent=2))
     return out
 
 
 def export_peft(delta, out: Path, rank: int, alpha: float) -> Path:
     """A plain-LoRA delta as a peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from . import __version__
 
@@ -67,7 +67,7 @@ def export_peft(delta, out: Path, rank: int, alpha: float) -> Path:
         up = delta.tensors[f"{name}#lowrank.up"] / (alpha / rank)  # peft applies the scale itself
         tensors[f"base_model.model.{module}.lora_A.weight"] = delta.tensors[f"{name}#lowrank.down"].contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = up.contiguous()
-    save_file(tensors, str(out / "adapter_model.safetensors"))
+    write_bytes_atomic(out / "adapter_model.safetensors", save(tensors))
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(targets),
               "lora_dropout": 0.0, "bias": "none", "vepatch_version": __version__}
     write_text_atomic(out / "adapter_config.json", json.dumps(config, indent=2, sort_keys=True))

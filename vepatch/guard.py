@@ -1,30 +1,37 @@
-"""The guard: paired evaluation of baseline and candidate, the acceptance rule
-(METHODS.md §3) and the strength search over lambda (PAINT / WiSE-FT)."""
+"""`vepatch guard`: paired evaluation of baseline and candidate on the target holdout, every
+guard suite and every earlier accepted holdout; the acceptance rule (METHODS.md §3); the
+strength search over lambda (PAINT / WiSE-FT); promotion of the chosen strength to vN."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
 from scipy.stats import binomtest
 
-from .data import ImageSet
-from .delta import Delta, apply_delta, restore
+from . import clock, store
+from .context import Context, open_guard_suite
+from .data import ImageSet, open_holdout
+from .delta import Delta, apply_delta, patched_fingerprint, restore
 from .evaluate import predict
 from .models import LoadedModel
-from .passes import DEFAULT_BUDGET_BYTES, Budget, Predictions, SuiteInputs
-from .predcache import PredictionCache, key
+from .models.heads import text_head
+from .models.towers import describe_tower
 from .recipe import GuardSpec
-from .records import StrengthResult, SuiteResult
-from .towers import describe_tower
+from .records import GuardReport, PatchManifest, StrengthResult, SuiteResult
+from .runtime import distributed
+from .runtime.passes import DEFAULT_BUDGET_BYTES, Budget, Predictions, SuiteInputs
+from .runtime.predcache import PredictionCache, key
 
 
 @dataclass
 class Suite:
     name: str
-    role: str  # 'target' or 'guard'
+    role: Literal["target", "guard"]
     images: ImageSet
     head: torch.Tensor
     max_drop_pp: float
@@ -123,3 +130,66 @@ def predictions_hash(p: Predictions) -> str:
     import hashlib
 
     return hashlib.sha256(p.preds.astype(np.int64).tobytes()).hexdigest()
+
+
+def guard_suites(ctx: Context, loaded: LoadedModel, manifest: PatchManifest, baseline: str) -> tuple[list[Suite], list[str]]:
+    """The candidate's target holdout, the recipe's guard suites and, after the first accepted
+    fix, every earlier version's holdout (a later patch may not undo an earlier fix)."""
+    recipe, notes = ctx.recipe, []
+    target = open_holdout(manifest.holdout)
+    suites = [Suite("target-holdout", "target", target, text_head(loaded, target.classnames, manifest.holdout.templates), 0.0)]
+    for spec in recipe.guard.suites:
+        if spec.optional and not ctx.resolve(spec.path).is_dir():
+            notes.append(f"{spec.name or spec.path}: not there, skipped (optional)")
+            continue
+        images = open_guard_suite(ctx, spec)
+        suites.append(Suite(images.name, "guard", images, text_head(loaded, images.classnames, spec.templates), spec.max_drop_pp))
+    for v in store.chain(ctx.workspace, baseline):
+        ref = store.read_manifest(ctx.workspace, v).holdout
+        images = open_holdout(dataclasses.replace(ref, name=f"{v}-holdout"))
+        suites.append(Suite(images.name, "guard", images, text_head(loaded, images.classnames, ref.templates),
+                            recipe.guard.holdout_max_drop_pp))
+    return suites, notes
+
+
+def run_guard(ctx: Context, candidate_id: Optional[str], baseline: Optional[str], promote: bool = True,
+              make_current: bool = True) -> GuardReport:
+    ws = ctx.workspace
+    manifest, delta = store.read_candidate(ws, candidate_id)
+    baseline = baseline or store.head(ws)
+    parent, _ = ctx.model(manifest.parent)
+    if parent.fingerprint != manifest.parent_fingerprint:
+        raise store.StoreError(f"candidate {manifest.candidate_id}: its parent's fingerprint does not match", "it is refused")
+    suites, notes = guard_suites(ctx, parent, manifest, baseline)
+    spec, bs = ctx.recipe.guard, ctx.recipe.batch_size
+    base_predictions, cache = None, ctx.prediction_cache()
+    if baseline != manifest.parent:
+        base_model, _ = ctx.model(baseline)
+        base_predictions = predict_all(base_model, suites, bs, ctx.device, cache)
+    with ws.lock() if distributed.is_writer() else contextlib.nullcontext():
+        trials, preds, base = search_strengths(parent, delta, suites, spec, bs, ctx.device, base_predictions, cache)
+        best = choose(trials)
+        report = GuardReport(
+            candidate_id=manifest.candidate_id, baseline=baseline,
+            baseline_fingerprint=ctx.model(baseline)[0].fingerprint, accepted=best is not None,
+            strength=best.strength if best else 0.0, trials=trials,
+            reason=(f"accepted at strength {best.strength}" if best else "refused: no strength passes: " + trials[-1].why)
+            + ("" if not notes else " [" + "; ".join(notes) + "]"),
+            predictions_sha256={k: predictions_hash(v) for k, v in (preds[best.strength] if best else base).items()},
+            created=clock.stamp(),
+        )
+        if not distributed.is_writer():  # under torchrun, rank 0 alone writes
+            return report
+        store.write_verdict(ws, manifest.candidate_id, report)
+        version = ""
+        if best and promote:
+            scaled = delta.scaled(best.strength)
+            fp = patched_fingerprint(parent.model, scaled)
+            version = store.write_version(ws, dataclasses.replace(manifest, strength=best.strength, fingerprint=fp),
+                                          scaled, report, make_current=make_current)
+            report = dataclasses.replace(report, version=version)
+        ws.log("guard", candidate=manifest.candidate_id, baseline=baseline, accepted=report.accepted,
+               strength=report.strength, version=version, reason=report.reason)
+        if version:
+            ws.log("promote", version=version, current=make_current)
+    return report

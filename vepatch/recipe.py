@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -49,35 +49,33 @@ class DiagnoseSpec:
     heads_per_layer: int = 2  # per-layer top-k attention heads selected (LoRSU paper: 2)
     max_samples: int = 1000  # gradient scoring uses at most this many images (as LoRSU's code)
     batch_size: int = 32  # images per backward pass while scoring
-    control: str = "none"  # 'random': same budget at random places (the localization control)
-
-
-# Per-method learning rates (Adam). DEFAULT_LR was chosen by measurement (README, "Defaults");
-# `full` (and `full+wise`) get a smaller step for a dense update of every weight (not tuned).
-METHOD_LR = {"full": 1e-4, "full+wise": 1e-4}
-DEFAULT_LR = 1e-3
+    control: Literal["none", "random"] = "none"  # 'random': same budget at random places (the localization control)
 
 
 @dataclass(frozen=True)
 class ApplySpec:
-    method: str = "lorsu"  # lorsu | lorsu-random | lorsu-fc1 | lorsu-heads | lora | spu | full | ln
+    method: str = "lorsu"  # a name from vepatch/methods/ (`vepatch apply --help` lists them)
     shots: int = 16  # training images per class, sampled from the shot pool
     holdout_per_class: int = 0  # target holdout images per class; 0 = every pool image not used for shots
     epochs: int = 30  # passes over the shots
     batch_size: int = 16  # images per optimizer step
-    lr: float = 0.0  # Adam learning rate (cosine decay to lr/10, per step); 0 = the method's METHOD_LR
+    lr: float = 0.0  # Adam learning rate (cosine decay to lr/10, per step); 0 = the method's own (Method.lr)
     rank: int = 8  # LoRA rank r for heads, projection and the `lora` baseline
     lora_alpha: float = 8.0  # LoRA alpha (scale alpha/r)
     augment_scale: float = 0.5  # training crops: RandomResizedCrop with this minimum area share; 1.0 = no augmentation
     train_biases: bool = False  # also train fc1 and Q/K/V biases, unmasked (LoRSU's official code does)
-    loss: str = "ce"  # 'ce': cross-entropy over the frozen class-text head; 'contrastive': CLIP loss, random templates
+    loss: Literal["ce", "contrastive"] = "ce"  # 'ce': cross-entropy over the frozen class-text head; 'contrastive': CLIP loss, random templates
     l2: float = 0.0  # weight of the L2 penalty on the delta
     distill: float = 0.0  # weight of KL(parent || candidate) on reference images; 0 = off
-    device: str = "auto"  # auto | cpu | cuda
+    distill_images: int = 256  # reference images kept in memory for distillation
+    wise_alpha: float = 0.5  # full+wise: weight of the fine-tuned model in the average (WiSE-FT's default)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @property
     def learning_rate(self) -> float:
-        return self.lr or METHOD_LR.get(self.method, DEFAULT_LR)
+        from .methods import get
+
+        return self.lr or get(self.method).lr
 
 
 @dataclass(frozen=True)
@@ -87,6 +85,7 @@ class GuardSpec:
     max_mean_drop_pp: float = 0.5  # mean drop over guard suites may not exceed this
     alpha: float = 0.05  # a drop counts only if McNemar's exact test says so at this level
     strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # lambda values tried
+    holdout_max_drop_pp: float = 1.0  # bar for the holdouts of earlier accepted versions (they guard too)
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from ._typed import from_plain, to_plain
+from .recipe import Recipe
 
 SCHEMA_VERSION = 1
 T = TypeVar("T")
@@ -59,7 +60,7 @@ class Confusion:
 class Locus:
     """One place in the vision tower that the diagnosis blames."""
 
-    kind: str  # 'fc1' (a block's MLP first layer) or 'head' (one attention head's Q/K/V rows)
+    kind: Literal["fc1", "head"]  # a block's MLP first layer, or one attention head's Q/K/V rows
     block: str  # module path of the block, e.g. 'transformer.resblocks.3'
     param: str  # full parameter name inside the model, e.g. 'visual.transformer.resblocks.3.mlp.c_fc.weight'
     head: int  # head index for 'head' loci, -1 for 'fc1'
@@ -92,7 +93,7 @@ class Diagnosis:
     concentration_top10: float  # share of the total score held by the top 10% of blocks
     fc1_fraction: float
     heads_per_layer: int
-    control: str  # 'none' or 'random'
+    control: Literal["none", "random"]
     seed: int
     masks_file: str  # safetensors beside this record: one boolean mask per parameter
     selected_params: int  # entries the masks select in total
@@ -109,6 +110,17 @@ class HoldoutRef:
     templates: list[str]
     sources: list[str]
     labels: list[int]
+
+
+@dataclass(frozen=True)
+class ApplyStats:
+    """What one training run took."""
+
+    steps: int
+    final_loss: float
+    apply_seconds: float
+    peak_memory_mb: float  # CUDA peak allocated, or the process's peak RSS on CPU
+    shots: int  # training images
 
 
 @dataclass(frozen=True)
@@ -131,9 +143,9 @@ class PatchManifest:
     shots_hash: str
     holdout: HoldoutRef
     diagnosis: str  # the diagnosis file whose masks were used ('' if computed on the shots)
-    recipe: dict[str, Any]  # the resolved recipe
+    recipe: Recipe  # the resolved recipe
     libraries: dict[str, str]
-    metrics: dict[str, float]  # apply_seconds, peak_memory_mb, final_loss, holdout accuracy before/after, ...
+    metrics: ApplyStats
     created: str
     version: str = ""  # 'vN' once accepted
     schema_version: int = SCHEMA_VERSION
@@ -142,7 +154,7 @@ class PatchManifest:
 @dataclass(frozen=True)
 class SuiteResult:
     name: str
-    role: str  # 'target' or 'guard'
+    role: Literal["target", "guard"]
     n: int
     before: float
     after: float

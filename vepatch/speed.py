@@ -21,14 +21,13 @@ from typing import Optional
 
 import torch
 
-from .diagnose import build_masks
-from .losses import ce_loss
-from .methods import MASKED_METHODS
-from .methods.build import build_trainable
+from .masks import build_masks
+from .methods import get as get_method
+from .methods.train import Objective, peak_memory_mb, train_step
 from .models import LoadedModel
-from .passes import autocast as autocast_for
+from .models.towers import describe_tower
 from .recipe import ApplySpec, DiagnoseSpec
-from .towers import describe_tower
+from .runtime.passes import autocast as autocast_for
 
 # Dense bf16 tensor-core peak, FLOP/s, by device name (vendor data sheets, no sparsity).
 BF16_PEAK = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
@@ -162,31 +161,26 @@ def measure(loaded: LoadedModel, model_name: str, method: str, batch_size: int, 
     guard_ops = _top_ops(guard_pass, device)
 
     masks = None
-    if method in MASKED_METHODS:  # LoRSU's budget at random places: the same shapes and cost
-        targets = tower.fc1 + (tower.qkv if method != "spu" else [])
+    chosen = get_method(method)
+    if chosen.needs_masks:  # LoRSU's budget at random places: the same shapes and cost
+        targets = tower.fc1 + (tower.qkv if chosen.masks != "logit-norm" else [])
         params = dict(model.named_parameters())
         budget = DiagnoseSpec()
         masks = build_masks({n: torch.empty(params[n].shape, device="meta") for n in targets},
                             dataclasses.replace(tower, qkv=[n for n in tower.qkv if n in targets]),
                             budget.fc1_fraction, budget.heads_per_layer, "random")
-    trainable = build_trainable(method, model.visual, tower, masks, spec)
+    trainable = chosen.build(model.visual, tower, masks, spec)
     trainable.visual.to(device)
     optimizer = torch.optim.Adam(trainable.params, lr=1e-4)
+    objective = Objective(head, scale)
 
-    def step():  # train()'s step with the default recipe (cross-entropy, no l2, no distillation)
-        with autocast:
-            features = trainable.visual(images)
-        loss = ce_loss(features, head, scale, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        trainable.after_step()
+    def step():  # train()'s own step, with the recipe's defaults (cross-entropy, no l2, no distillation)
+        train_step(trainable, optimizer, images, labels, objective, spec, autocast, generator)
 
     step()  # warm-up: optimizer state, kernels
     step_flops = _flops(step)
     step_rate = _rate(step, device, steps, batch_size)
     step_ops = _top_ops(step, device)
-    from .methods.train import peak_memory_mb
 
     name, peak = device_peak(device)
     step_tf = step_flops * step_rate / batch_size / 1e12
@@ -219,9 +213,8 @@ def time_guard(ctx, candidate_id: Optional[str]) -> GuardTiming:
     import numpy as np
 
     from . import store
-    from .guard import search_strengths
-    from .patching import guard_suites
-    from .predcache import PredictionCache
+    from .guard import guard_suites, search_strengths
+    from .runtime.predcache import PredictionCache
 
     manifest, delta = store.read_candidate(ctx.workspace, candidate_id)
     parent, _ = ctx.model(manifest.parent)

@@ -21,18 +21,16 @@ from .errors import NothingToDo, StoreError, UsageError
 from .fsio import fsync_dir, write_bytes_atomic, write_text_atomic
 from .models import LoadedModel, fingerprint
 from .records import GuardReport, PatchManifest, read_record, to_json
-from .workspace import Workspace
+from .workspace import CANDIDATE_FILE, DELTA_FILE, GUARD_FILE, MANIFEST_FILE, PATCH_FILE, Workspace
 
 VERSION_RE = re.compile(r"^v(\d+)$")
-PATCH_FILE, MANIFEST_FILE, GUARD_FILE = "patch.safetensors", "patch.json", "guard.json"
-DELTA_FILE, CANDIDATE_FILE = "delta.safetensors", "candidate.json"
 
 
 def version_dir(ws: Workspace, version: str) -> Path:
     m = VERSION_RE.match(version)
     if not m:
         raise UsageError(f"'{version}' is not a version", "versions are written vN (v1, v2, ...) or 'base'")
-    return ws.patches / f"v{int(m.group(1)):04d}"
+    return ws.version_dir(int(m.group(1)))
 
 
 def versions(ws: Workspace) -> list[str]:
@@ -45,7 +43,7 @@ def versions(ws: Workspace) -> list[str]:
 
 
 def head(ws: Workspace) -> str:
-    path = ws.store / "HEAD"
+    path = ws.head_path
     if not path.is_file():
         return "base"
     value = path.read_text().strip()
@@ -57,7 +55,7 @@ def head(ws: Workspace) -> str:
 def set_head(ws: Workspace, version: str) -> None:
     if version != "base" and version not in versions(ws):
         raise UsageError(f"no version '{version}'", f"known: base, {', '.join(versions(ws)) or '(none yet)'}")
-    write_text_atomic(ws.store / "HEAD", version + "\n")
+    write_text_atomic(ws.head_path, version + "\n")
 
 
 def chain(ws: Workspace, version: str) -> list[str]:
@@ -112,12 +110,8 @@ def apply_version(ws: Workspace, loaded: LoadedModel, version: str) -> LoadedMod
 # --- candidates ---------------------------------------------------------------------------
 
 
-def candidate_dir(ws: Workspace, candidate_id: str) -> Path:
-    return ws.candidates / candidate_id
-
-
 def write_candidate(ws: Workspace, manifest: PatchManifest, delta_bytes: bytes) -> Path:
-    folder = candidate_dir(ws, manifest.candidate_id)
+    folder = ws.candidate_dir(manifest.candidate_id)
     staging = ws.candidates / f".{manifest.candidate_id}.tmp{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     write_bytes_atomic(staging / DELTA_FILE, delta_bytes)
@@ -125,6 +119,11 @@ def write_candidate(ws: Workspace, manifest: PatchManifest, delta_bytes: bytes) 
     os.replace(staging, folder)
     fsync_dir(ws.candidates)
     return folder
+
+
+def write_verdict(ws: Workspace, candidate_id: str, report: GuardReport) -> None:
+    """The guard's verdict, beside the candidate it judged."""
+    write_text_atomic(ws.candidate_dir(candidate_id) / GUARD_FILE, to_json(report))
 
 
 def candidates(ws: Workspace) -> list[str]:
@@ -138,7 +137,7 @@ def read_candidate(ws: Workspace, candidate_id: str | None) -> tuple[PatchManife
         if not known:
             raise NothingToDo(f"{ws.candidates}: no candidate", "run `vepatch apply` first")
         candidate_id = known[-1]
-    folder = candidate_dir(ws, candidate_id)
+    folder = ws.candidate_dir(candidate_id)
     if not (folder / CANDIDATE_FILE).is_file():
         raise UsageError(f"no candidate '{candidate_id}'", f"known: {', '.join(candidates(ws)) or '(none)'}")
     manifest = read_record(PatchManifest, folder / CANDIDATE_FILE)

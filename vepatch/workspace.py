@@ -1,5 +1,22 @@
 """A workspace: vepatch.yaml (the recipe) beside .vepatch/ (the store). Commands find it
-from the current folder upwards, or from -C DIR."""
+from the current folder upwards, or from -C DIR.
+
+This module is the store's layout: every path under .vepatch/ (and the folders cycle keeps
+beside it) is named here and nowhere else.
+
+  vepatch.yaml                          the recipe
+  .vepatch/HEAD                         the current version ('base' when absent)
+  .vepatch/log.jsonl                    one line per command that changed something
+  .vepatch/lock                         the OS lock a writing command holds
+  .vepatch/diagnoses/<utc>.json         a diagnosis, + <utc>.masks.safetensors
+  .vepatch/candidates/<id>/             delta.safetensors + candidate.json (+ guard.json)
+  .vepatch/patches/vNNNN/               patch.safetensors + patch.json + guard.json
+  .vepatch/cycles/<id>/                 state.json + errors/ (a cycle's staged images)
+  .vepatch/seen.jsonl                   content hashes of every inbox image ever taken
+  .vepatch/bench/<utc>/                 bench.json, bench.md, bench.png
+  .vepatch/cache/predictions/           per-example predictions kept across runs
+  archive/<date>/<class>/               inbox images after their cycle (never deleted)
+"""
 
 from __future__ import annotations
 
@@ -8,11 +25,10 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from . import __version__
+from . import __version__, clock
 from .errors import LockedError, UsageError
 from .fsio import append_line, write_text_atomic
 from .recipe import RECIPE_FILE, Recipe, dump_recipe, load_recipe
@@ -20,6 +36,9 @@ from .recipe import RECIPE_FILE, Recipe, dump_recipe, load_recipe
 STORE_DIR = ".vepatch"
 _HELD: dict[str, int] = {}  # workspace root -> lock depth held by this process
 SUBDIRS = ("candidates", "patches", "diagnoses")
+PATCH_FILE, MANIFEST_FILE, GUARD_FILE = "patch.safetensors", "patch.json", "guard.json"  # in patches/vNNNN/
+DELTA_FILE, CANDIDATE_FILE = "delta.safetensors", "candidate.json"  # in candidates/<id>/ (+ GUARD_FILE)
+STATE_FILE = "state.json"  # in cycles/<id>/
 
 
 @dataclass(frozen=True)
@@ -35,24 +54,66 @@ class Workspace:
         return self.root / STORE_DIR
 
     @property
+    def head_path(self) -> Path:
+        return self.store / "HEAD"
+
+    @property
+    def log_path(self) -> Path:
+        return self.store / "log.jsonl"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.store / "lock"
+
+    @property
     def diagnoses(self) -> Path:
         return self.store / "diagnoses"
+
+    def diagnosis_file(self, created: str) -> Path:
+        return self.diagnoses / f"{created}.json"
+
+    def diagnosis_masks(self, created: str) -> Path:
+        return self.diagnoses / f"{created}.masks.safetensors"
 
     @property
     def candidates(self) -> Path:
         return self.store / "candidates"
 
+    def candidate_dir(self, candidate_id: str) -> Path:
+        return self.candidates / candidate_id
+
     @property
     def patches(self) -> Path:
         return self.store / "patches"
+
+    def version_dir(self, number: int) -> Path:
+        return self.patches / f"v{number:04d}"
+
+    @property
+    def cycles(self) -> Path:
+        return self.store / "cycles"
+
+    def cycle_state(self, cycle_id: str) -> Path:
+        return self.cycles / cycle_id / STATE_FILE
+
+    def cycle_errors(self, cycle_id: str) -> Path:
+        """The cycle's own copy of its new images, <class>/<hash>.<ext>: what it diagnoses."""
+        return self.cycles / cycle_id / "errors"
+
+    @property
+    def seen_path(self) -> Path:
+        return self.store / "seen.jsonl"
+
+    @property
+    def bench(self) -> Path:
+        return self.store / "bench"
 
     @property
     def prediction_cache(self) -> Path:
         return self.store / "cache" / "predictions"
 
-    @property
-    def log_path(self) -> Path:
-        return self.store / "log.jsonl"
+    def archive_day(self, day: str) -> Path:
+        return self.root / "archive" / day
 
     def recipe(self) -> Recipe:
         return load_recipe(self.recipe_path)
@@ -63,7 +124,7 @@ class Workspace:
         return resolve_path(path, self.root)
 
     def log(self, event: str, **fields) -> None:
-        record = {"time": utc_now(), "event": event, "vepatch": __version__, **fields}
+        record = {"time": clock.iso(), "event": event, "vepatch": __version__, **fields}
         append_line(self.log_path, record)
 
     @contextmanager
@@ -78,7 +139,7 @@ class Workspace:
             finally:
                 _HELD[key] -= 1
             return
-        fd = os.open(self.store / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + wait
         try:
             while True:
@@ -99,10 +160,6 @@ class Workspace:
         finally:
             _HELD.pop(key, None)
             os.close(fd)  # closing releases the lock
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def find_workspace(start: Path | None = None) -> Workspace:

@@ -1,21 +1,36 @@
-"""Patch methods. Each builds a `Trainable` on a copy of the vision tower: the tensors to
-optimize, what to enforce after each step, and how to read the result out as a Delta.
+"""Patch methods, one file each (as peft's tuners), all of the same shape (`method.Method`):
 
-  lorsu         sparse update of the selected fc1 entries + LoRA on the selected heads' Q/K/V
-                rows + LoRA on the output projection (CNN towers: expansion convs + projection)
-  lorsu-random  the same budget at random places (the localization control)
-  lorsu-fc1     only the fc1 part;   lorsu-heads  only the heads part (+ projection)
-  spu           fc1 top-s by SPU's label-free score (grad of ||logits||^2), nothing else
-  lora          peft LoRA on the tower's linear layers
-  full          every tower parameter;   ln  norm layers only
-  full+wise     `full`, then WiSE-FT weight averaging with the parent: the stored delta is
-                WISE_ALPHA * (fine-tuned - parent) (Wortsman et al., 2022, mixing 0.5)
-"""
+  lorsu.py         sparse fc1 entries + LoRA on the blamed heads' Q/K/V rows + LoRA projection
+  lorsu_random.py  the same budget at random places (the localization control)
+  lorsu_fc1.py     LoRSU's fc1 part only;   lorsu_heads.py  its heads part + projection only
+  spu.py           fc1 top-s by SPU's label-free score
+  lora.py          peft LoRA on the tower's linear layers
+  full.py          every tower parameter;   full_wise.py  `full`, then WiSE-FT averaging
+  ln.py            norm layers only
 
-from .trainable import Trainable
+Shared parts: trainable.py (masked dense update, row-masked low-rank change), train.py (the
+flat loop and its one step). This table is the one list of methods: the CLI help, the recipe
+check and the bench read it. Adding a method = one file plus one line below."""
 
-METHODS = ("lorsu", "lorsu-random", "lorsu-fc1", "lorsu-heads", "spu", "lora", "full", "full+wise", "ln")
-MASKED_METHODS = ("lorsu", "lorsu-random", "lorsu-fc1", "lorsu-heads", "spu")
-WISE_ALPHA = 0.5  # weight of the fine-tuned model in `full+wise`
+from __future__ import annotations
 
-__all__ = ["METHODS", "MASKED_METHODS", "WISE_ALPHA", "Trainable"]
+from ..errors import UsageError
+from . import full, full_wise, ln, lora, lorsu, lorsu_fc1, lorsu_heads, lorsu_random, spu
+from .method import Method
+
+REGISTRY: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (
+    lorsu, lorsu_random, lorsu_fc1, lorsu_heads, spu, lora, full, full_wise, ln,
+)}
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def get(name: str) -> Method:
+    if name not in REGISTRY:
+        raise UsageError(f"unknown method '{name}'", f"use one of: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+__all__ = ["REGISTRY", "Method", "get", "names"]

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from torch import nn
-
-from ..delta import Delta
-from .trainable import Trainable
+from .method import Method
 
 
-def lora_targets(visual: nn.Module) -> list[str]:
+def lora_targets(visual) -> list[str]:
     """Linear layers and pointwise convs; not nn.MultiheadAttention's out_proj, whose weight
     the attention kernel reads directly (a wrapper there would be silently ignored)."""
+    from torch import nn
+
     mha_out = {f"{n}.out_proj" for n, m in visual.named_modules() if isinstance(m, nn.MultiheadAttention)}
     out = []
     for name, module in visual.named_modules():
@@ -23,19 +22,22 @@ def lora_targets(visual: nn.Module) -> list[str]:
     return out
 
 
-def add_peft_lora(t: Trainable, visual: nn.Module, rank: int, alpha: float) -> None:
+def build(visual, tower, masks, spec):
     from peft import LoraConfig, inject_adapter_in_model
 
+    from ..delta import Delta
+    from .trainable import Trainable
+
+    t = Trainable.frozen(visual)
     targets = lora_targets(visual)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha, target_modules=targets, lora_dropout=0.0, bias="none")
     inject_adapter_in_model(config, visual)
     t.params += [p for n, p in visual.named_parameters() if "lora_" in n]
     for p in t.params:
         p.requires_grad_(True)
     wrapped = {name: visual.get_submodule(name) for name in targets}
     for name, module in wrapped.items():
-        a = module.lora_A["default"].weight
-        t.summary[f"visual.{name}.weight"] = a.numel() + module.lora_B["default"].weight.numel()
+        t.summary[f"visual.{name}.weight"] = module.lora_A["default"].weight.numel() + module.lora_B["default"].weight.numel()
 
     def extract() -> Delta:
         out = Delta()
@@ -47,3 +49,7 @@ def add_peft_lora(t: Trainable, visual: nn.Module, rank: int, alpha: float) -> N
         return out
 
     t.extract_extra = extract
+    return t
+
+
+METHOD = Method("lora", "peft LoRA on every linear layer of the tower", build)

@@ -1,4 +1,5 @@
-"""The training loop: one flat loop over epochs and batches, read top to bottom."""
+"""The training loop: one flat loop over epochs and batches, read top to bottom, and the one
+step it takes (the speed tool times the same `train_step`)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,25 @@ import torch
 from ..data import ImageSet
 from ..evaluate import loader
 from ..losses import ce_loss, contrastive_loss, distill_loss
-from ..passes import autocast as autocast_for
+from ..records import ApplyStats
 from ..recipe import ApplySpec
+from ..runtime.passes import autocast as autocast_for
 from .trainable import Trainable
 
 
 @dataclass(frozen=True)
-class TrainStats:
-    steps: int
-    final_loss: float
-    seconds: float
-    peak_memory_mb: float  # CUDA peak allocated, or the process's peak RSS on CPU
+class Objective:
+    """What a step's loss is computed against (all frozen)."""
+
+    head: torch.Tensor  # (classes, dim) class-text embeddings
+    scale: torch.Tensor  # the model's logit scale
+    prompts: Optional[torch.Tensor] = None  # (classes, templates, dim), for the contrastive loss
+    reference: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # (images, parent logits, head): distillation
+
+    def to(self, device: str) -> "Objective":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        ref = None if self.reference is None else (self.reference[0], self.reference[1].to(device), self.reference[2].to(device))
+        return Objective(self.head.to(device), self.scale.to(device), move(self.prompts), ref)
 
 
 def lr_at(step: int, total: int, base: float) -> float:
@@ -31,21 +40,42 @@ def lr_at(step: int, total: int, base: float) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def train_step(trainable: Trainable, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               objective: Objective, spec: ApplySpec, autocast, generator: torch.Generator) -> torch.Tensor:
+    """One optimizer step on one batch: loss (+ L2 on the delta, + distillation), backward,
+    step, then the masks are enforced. Returns the loss."""
+    device = images.device
+    with autocast:
+        features = trainable.visual(images)
+    if spec.loss == "contrastive":
+        loss = contrastive_loss(features, objective.prompts, objective.scale, labels, generator)
+    else:
+        loss = ce_loss(features, objective.head, objective.scale, labels)
+    if spec.l2:
+        loss = loss + spec.l2 * trainable.l2()
+    if spec.distill and objective.reference is not None:
+        ref_images, ref_logits, ref_head = objective.reference
+        pick = torch.randint(len(ref_images), (min(spec.batch_size, len(ref_images)),), generator=generator)
+        with autocast:
+            ref_features = trainable.visual(ref_images[pick].to(device))
+        loss = loss + spec.distill * distill_loss(ref_features, ref_logits[pick.to(ref_logits.device)], ref_head, objective.scale)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    trainable.after_step()
+    return loss.detach()
+
+
 def train(
-    trainable: Trainable, preprocess, shots: ImageSet, head: torch.Tensor, scale: torch.Tensor,
-    spec: ApplySpec, seed: int, device: str, prompt_embeddings: Optional[torch.Tensor] = None,
-    reference: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    trainable: Trainable, preprocess, shots: ImageSet, objective: Objective, spec: ApplySpec, seed: int, device: str,
     progress: Optional[Callable[[int, int], None]] = None,
-) -> TrainStats:
-    """Train `trainable.params` on the shots. `reference` = (images, parent logits, head) for
-    distillation to the parent; `prompt_embeddings` (classes, templates, dim) for the
-    contrastive loss."""
+) -> ApplyStats:
+    """Train `trainable.params` on the shots."""
     torch.manual_seed(seed)
-    visual = trainable.visual.to(device).eval()  # eval: BatchNorm statistics never move
-    head, scale = head.to(device), scale.to(device)
+    trainable.visual.to(device).eval()  # eval: BatchNorm statistics never move
+    objective = objective.to(device)
     optimizer = torch.optim.Adam(trainable.params, lr=spec.learning_rate)
-    batches_per_epoch = math.ceil(len(shots) / spec.batch_size)
-    total = spec.epochs * batches_per_epoch
+    total = spec.epochs * math.ceil(len(shots) / spec.batch_size)
     generator = torch.Generator().manual_seed(seed)
     autocast = autocast_for(device)  # bf16 on CUDA
     if device == "cuda":
@@ -55,29 +85,11 @@ def train(
         for images, labels in loader(shots, preprocess, spec.batch_size, shuffle=True, seed=seed * 1000 + epoch):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, spec.learning_rate)
-            images, labels = images.to(device), labels.to(device)
-            with autocast:
-                features = visual(images)
-            if spec.loss == "contrastive":
-                loss = contrastive_loss(features, prompt_embeddings.to(device), scale, labels, generator)
-            else:
-                loss = ce_loss(features, head, scale, labels)
-            if spec.l2:
-                loss = loss + spec.l2 * trainable.l2()
-            if spec.distill and reference is not None:
-                ref_images, ref_logits, ref_head = reference
-                pick = torch.randint(len(ref_images), (min(spec.batch_size, len(ref_images)),), generator=generator)
-                with autocast:
-                    ref_features = visual(ref_images[pick].to(device))
-                loss = loss + spec.distill * distill_loss(ref_features, ref_logits[pick].to(device), ref_head.to(device), scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            trainable.after_step()
+            loss = train_step(trainable, optimizer, images.to(device), labels.to(device), objective, spec, autocast, generator)
             step += 1
             if progress:
                 progress(step, total)
-    return TrainStats(step, float(loss.detach()), time.perf_counter() - start, peak_memory_mb(device))
+    return ApplyStats(step, float(loss), time.perf_counter() - start, peak_memory_mb(device), len(shots))
 
 
 def peak_memory_mb(device: str) -> float:

@@ -1,4 +1,4 @@
-"""The pieces every method is made of: a masked dense update (only the mask's entries ever
+"""The pieces every method is made of (methods/<name>.py combine them): a masked dense update (only the mask's entries ever
 change: the *update* is masked, so optimizer state cannot drift the rest) and a row-masked
 low-rank change (LoRA whose `up` factor is zero outside the allowed rows).
 
@@ -48,7 +48,17 @@ class Trainable:
     lowrank: dict[str, LowRankChange] = field(default_factory=dict)
     extract_extra: Optional[Callable[[], Delta]] = None  # methods with their own delta (peft)
     summary: dict[str, int] = field(default_factory=dict)  # param -> entries allowed to change
-    keep: float = 1.0  # share of the trained change the delta keeps (WiSE-FT mixing for full+wise)
+    keep: float = 1.0  # share of the trained change the delta keeps (apply.wise_alpha for full+wise)
+
+    @classmethod
+    def frozen(cls, visual: nn.Module) -> "Trainable":
+        """Start from `visual` with every parameter frozen; methods then add what they train."""
+        for p in visual.parameters():
+            p.requires_grad_(False)
+        return cls(visual)
+
+    def parameter(self, full_name: str) -> nn.Parameter:
+        return _param(self.visual, full_name)
 
     def add_masked(self, full_name: str, mask: Optional[torch.Tensor]) -> None:
         """Train parameter `full_name` ('visual.…'), changing only `mask`'s entries (None: all)."""

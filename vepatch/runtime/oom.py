@@ -6,7 +6,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from .errors import VepatchError
+from ..errors import VepatchError
 
 T = TypeVar("T")
 

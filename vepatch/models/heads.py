@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .models import LoadedModel, text_fingerprint
-from .paths import user_cache_dir
+from .load import LoadedModel, text_fingerprint
+from ..paths import user_cache_dir
 
 
 def normalize_templates(templates: Sequence[str]) -> list[str]:
@@ -37,7 +35,11 @@ def text_head(loaded: LoadedModel, classnames: Sequence[str], templates: Sequenc
         except Exception:  # a damaged cache entry is rebuilt, never trusted
             pass
     head = compute_text_head(loaded, classnames, templates)
-    _save_atomic(path, head)
+    from safetensors.torch import save
+
+    from ..fsio import write_bytes_atomic
+
+    write_bytes_atomic(path, save({"head": head}))
     return head
 
 
@@ -54,12 +56,3 @@ def compute_text_head(loaded: LoadedModel, classnames: Sequence[str], templates:
 
 def _head_key(*parts) -> str:
     return hashlib.sha256(json.dumps([list(p) if not isinstance(p, str) else p for p in parts]).encode()).hexdigest()[:32]
-
-
-def _save_atomic(path: Path, head: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"head": head}, str(tmp))
-    os.replace(tmp, path)

@@ -1,16 +1,15 @@
-"""What each command does, between parsing (cli.py) and the algorithms: open the workspace
-and its recipe, load the model at a version, run a step, write its records to the store."""
+"""What every command starts from: the workspace, its recipe (flags applied), the device, and
+the model at any version (base, vN, a candidate), loaded once per command and verified."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from .data import ImageSet, open_image_set
 from .errors import UsageError
-from . import distributed
+from .runtime import distributed
 from .models import LoadedModel, load_model, resolve_device
 from .recipe import DEFAULT_TEMPLATES, GuardSuite, Recipe, with_overrides
 from .workspace import Workspace, find_workspace
@@ -51,7 +50,7 @@ class Context:
             from .models import fingerprint
 
             manifest, delta = store.read_candidate(self.workspace, name)
-            loaded = store.apply_version(self.workspace, fresh, manifest.parent) if manifest.parent != "base" else fresh
+            loaded = store.apply_version(self.workspace, fresh, manifest.parent)
             apply_delta(loaded.model, delta)
             loaded.fingerprint = fingerprint(loaded.model.visual)
         self._models[name] = loaded
@@ -59,7 +58,7 @@ class Context:
 
     def prediction_cache(self):
         """Per-example predictions kept across runs (predcache.py); None outside a workspace."""
-        from .predcache import PredictionCache
+        from .runtime.predcache import PredictionCache
 
         return PredictionCache(self.workspace.prediction_cache) if self.workspace else None
 
@@ -113,51 +112,3 @@ def set_and_templates(ctx: Context, data: Path, templates: Optional[Sequence[str
     if recipe.classes and all(c.lower() in keys for c in own.classnames):
         return open_target_set(ctx, resolved, data.name), list(templates or recipe.templates)
     return own, list(templates or DEFAULT_TEMPLATES)  # the recipe's prompts are for its own classes
-
-
-def evaluate_set(ctx: Context, data: Path, version: Optional[str] = None, templates=None, batch_size=None):
-    from .evaluate import predict, report
-    from .heads import text_head
-
-    image_set, templates = set_and_templates(ctx, data, templates)
-    loaded, name = ctx.model(version)
-    head = text_head(loaded, image_set.classnames, templates)
-    predictions = predict(loaded, head, image_set, batch_size or ctx.recipe.batch_size, ctx.device)
-    result = report(predictions, image_set, name)
-    if ctx.workspace:
-        ctx.workspace.log("eval", data=str(data), version=name, accuracy=result.accuracy, n=result.n)
-    return result
-
-
-def run_diagnose(ctx: Context, errors_dir: Path, overrides: dict[str, Any]):
-    from safetensors.torch import save_file
-
-    from .diagnose import diagnose
-    from .fsio import write_text_atomic
-    from .heads import text_head
-    from .records import to_json
-
-    ws = ctx.workspace
-    recipe = with_overrides(ctx.recipe, overrides)
-    if not recipe.classes:
-        raise UsageError(f"{ws.recipe_path}: the recipe names no classes", "list the target classes under `classes:`")
-    errors = open_target_set(ctx, ctx.resolve(errors_dir), "errors")
-    loaded, version = ctx.model()
-    head = text_head(loaded, recipe.classes, recipe.templates)
-    spec = recipe.diagnose
-    with ws.lock():
-        diagnosis, masks = diagnose(
-            loaded, head, errors, version, spec.fc1_fraction, spec.heads_per_layer, spec.max_samples,
-            spec.batch_size, spec.control, recipe.seed, ctx.device,
-        )
-        masks_name = f"{diagnosis.created}.masks.safetensors"
-        diagnosis = dataclasses.replace(diagnosis, masks_file=masks_name)
-        ws.diagnoses.mkdir(parents=True, exist_ok=True)
-        tmp = ws.diagnoses / f".{masks_name}.tmp"
-        save_file(masks.to_tensors(), str(tmp))
-        tmp.replace(ws.diagnoses / masks_name)
-        path = ws.diagnoses / f"{diagnosis.created}.json"
-        write_text_atomic(path, to_json(diagnosis))
-        ws.log("diagnose", file=path.name, errors=diagnosis.n_errors, images=diagnosis.n_images,
-               concentration_top10=diagnosis.concentration_top10, control=diagnosis.control)
-    return diagnosis, path

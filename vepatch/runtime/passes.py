@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import default_collate
 
 from . import distributed
-from .data import ImageSet, TorchImages
+from ..data import ImageSet, TorchImages
 
 DEFAULT_BUDGET_BYTES = 2 << 30  # activations kept per guard run, across suites
 

@@ -1,10 +1,11 @@
-"""Rich renderings of records for the terminal (cli.py prints them; the library never does)."""
+"""Rich renderings of records for the terminal (the cli modules print them; the library never does)."""
 
 from __future__ import annotations
 
 from rich.table import Table
 
-from .records import Diagnosis, EvalReport
+from .._typed import to_plain
+from ..records import Diagnosis, EvalReport
 
 
 def pct(x: float) -> str:
@@ -100,7 +101,7 @@ def show_tables(manifest, report) -> list[Table]:
     info.add_column("value")
     for k, v in [("trainable numbers", f"{manifest.trainable_params:,}"), ("patch bytes", f"{manifest.patch_bytes:,}"),
                  ("strength", f"{manifest.strength:g}"), ("seed", str(manifest.seed)), ("diagnosis", manifest.diagnosis or "-"),
-                 *[(k, f"{v:.4g}") for k, v in manifest.metrics.items()],
+                 *[(k, f"{v:.4g}") for k, v in to_plain(manifest.metrics).items()],
                  ("verdict", "-" if report is None else ("accepted" if report.accepted else "refused") + f": {report.reason}")]:
         info.add_row(k, v)
     return [t, info] + (guard_tables(report) if report else [])

@@ -18,9 +18,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import __version__, distributed
-from .data import ImageSet
-from .fsio import write_bytes_atomic
+from .. import __version__
+from . import distributed
+from ..data import ImageSet
+from ..fsio import write_bytes_atomic
 from .passes import Predictions
 
 KEEP = 2000  # newest entries kept; older ones are deleted when a new one is written

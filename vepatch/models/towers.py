@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import ModelError
+from ..errors import ModelError
 
 PREFIX = "visual."  # every name below is a full parameter name of the CLIP model
 
@@ -24,7 +24,6 @@ class Tower:
     qkv: list[str]  # per block: the fused Q/K/V weight (3W x W); empty for CNNs
     num_heads: int  # attention heads per block (0 for CNNs)
     proj: str  # the projection into the joint space ('' if the tower has none)
-    proj_transposed: bool  # open_clip ViT keeps `proj` as a (W x D) parameter used as x @ proj
     fc1_bias: list[str]  # biases of the fc1 layers ('' where there is none)
     qkv_bias: list[str]  # biases of the Q/K/V layers
     norms: list[str]  # affine parameters of every norm layer (LayerNorm, BatchNorm, GroupNorm)
@@ -37,7 +36,6 @@ class Tower:
             if param.startswith(b + ".") and len(b) > len(best):
                 best = b
         return best
-
 
     def entry_for(self, params: list[str]) -> str:
         """The earliest module whose input a change to `params` leaves untouched, so that input
@@ -95,7 +93,7 @@ def _openclip_vit(visual) -> Tower:
     proj = f"{PREFIX}proj" if getattr(visual, "proj", None) is not None else ""
     # without attention pooling, ln_post's input (tokens, or the pooled token) is all that flows on
     tail = f"{PREFIX}ln_post" if getattr(visual, "attn_pool", None) is None else ""
-    return Tower("openclip-vit", blocks, fc1, qkv, heads, proj, True, fc1_bias, qkv_bias, _norm_params(visual), tail)
+    return Tower("openclip-vit", blocks, fc1, qkv, heads, proj, fc1_bias, qkv_bias, _norm_params(visual), tail)
 
 
 def _timm_tower(visual) -> Tower:
@@ -137,4 +135,4 @@ def _timm_tower(visual) -> Tower:
         if isinstance(classifier, nn.Linear):
             name = next(n for n, m in trunk.named_modules() if m is classifier)
             proj, tail = f"{PREFIX}trunk.{name}.weight", f"{PREFIX}trunk.{name}"  # its input: the pooled features
-    return Tower(kind, blocks, fc1, qkv, heads, proj, False, fc1_bias, qkv_bias, _norm_params(visual), tail)
+    return Tower(kind, blocks, fc1, qkv, heads, proj, fc1_bias, qkv_bias, _norm_params(visual), tail)

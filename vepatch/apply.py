@@ -1,0 +1,178 @@
+"""`vepatch apply`: shots and a disjoint target holdout from the pool, masks (a matching
+diagnosis, or scored on the shots), one method's training on a copy of the current version's
+tower, and the candidate written to the store (not yet a version: the guard decides)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import platform
+from typing import Callable, Optional
+
+import torch
+
+from . import __version__, clock, store
+from .context import Context
+from .data import ImageSet, open_image_set, split_shots
+from .delta import patched_fingerprint
+from .diagnose import mean_gradients
+from .errors import DataError, UsageError
+from .masks import Masks, build_masks
+from .methods import Method, get as get_method
+from .methods.train import Objective, train
+from .models import LoadedModel
+from .models.heads import text_head
+from .models.towers import Tower, describe_tower
+from .recipe import Recipe
+from .records import Diagnosis, HoldoutRef, PatchManifest, read_record
+
+
+def open_pool(ctx: Context, recipe: Recipe) -> ImageSet:
+    if recipe.shot_pool is None:
+        raise UsageError(f"{ctx.workspace.recipe_path}: no shot_pool", "set shot_pool.path to a labelled folder of the target classes")
+    spec = recipe.shot_pool
+    return open_image_set(ctx.resolve(spec.path), recipe.classes, spec.folders, spec.name or "target",
+                          spec.max_per_class, recipe.seed)
+
+
+def diagnosis_masks(ctx: Context, fingerprint_: str, choice: str) -> tuple[Optional[Masks], str]:
+    """Masks of the chosen diagnosis ('latest', a file name, or 'none'), if made on this model."""
+    from safetensors.torch import load_file
+
+    if choice == "none":
+        return None, ""
+    folder = ctx.workspace.diagnoses
+    files = sorted(folder.glob("*.json")) if choice == "latest" else [folder / (choice if choice.endswith(".json") else choice + ".json")]
+    for path in reversed(files):
+        if not path.is_file():
+            raise UsageError(f"{path}: no such diagnosis", "use --diagnosis latest or a file in .vepatch/diagnoses/")
+        d = read_record(Diagnosis, path)
+        if d.fingerprint == fingerprint_:
+            return Masks.from_tensors(load_file(str(folder / d.masks_file))), path.name
+        if choice != "latest":
+            raise UsageError(f"{path}: made on another model version", "diagnose again on the current version")
+    return None, ""
+
+
+def score_masks(ctx: Context, loaded: LoadedModel, head: torch.Tensor, shots: ImageSet, method: Method,
+                recipe: Recipe, tower: Tower) -> Masks:
+    """The masks a method needs, scored on the shots (LoRSU's gradients, SPU's label-free
+    score, or LoRSU's budget at random places)."""
+    spec = recipe.diagnose
+    if method.masks == "logit-norm":  # SPU: fc1 only
+        tower = dataclasses.replace(tower, qkv=[])
+    objective = "logit-norm" if method.masks == "logit-norm" else "ce"
+    grads = mean_gradients(loaded, head, shots, tower.fc1 + tower.qkv, spec.batch_size, spec.max_samples, ctx.device,
+                           recipe.seed, objective)
+    control = "random" if method.masks == "random" else "none"
+    return build_masks(grads, tower, spec.fc1_fraction, spec.heads_per_layer, control, recipe.seed)
+
+
+def run_apply(ctx: Context, recipe: Recipe, diagnosis: str = "latest", progress: Optional[Callable[[int, int], None]] = None) -> PatchManifest:
+    spec = recipe.apply
+    method = get_method(spec.method)
+    pool = open_pool(ctx, recipe)
+    train_idx, holdout_idx = split_shots(pool, spec.shots, recipe.seed, spec.holdout_per_class)
+    if not holdout_idx:
+        raise DataError(f"{pool.root}: no image left for the target holdout", "lower --shots or add images to the pool")
+    shots, holdout = pool.subset(train_idx, "shots"), pool.subset(holdout_idx, "target-holdout")
+    loaded, version = ctx.model()
+    tower = describe_tower(loaded.model)
+    head = text_head(loaded, recipe.classes, recipe.templates)
+
+    masks, diagnosis_file = None, ""
+    if method.masks == "diagnosis":
+        masks, diagnosis_file = diagnosis_masks(ctx, loaded.fingerprint, diagnosis)
+    if method.needs_masks and masks is None:
+        masks = score_masks(ctx, loaded, head, shots, method, recipe, tower)
+
+    visual = copy.deepcopy(loaded.model.visual)
+    torch.manual_seed(recipe.seed)  # LoRA factors are initialized from the global generator
+    trainable = method.build(visual, tower, masks, spec)
+    prompts = None
+    if spec.loss == "contrastive":  # (classes, templates, dim): one random template per image
+        prompts = torch.stack([text_head(loaded, recipe.classes, [t]) for t in recipe.templates], dim=1)
+    reference = reference_logits(ctx, loaded, recipe) if spec.distill > 0 else None
+    objective = Objective(head, loaded.model.logit_scale.exp().detach(), prompts, reference)
+    from .runtime.oom import retry_on_oom
+
+    def attempt(batch_size: int, trainable=trainable):  # bound now: the name is deleted below
+        trainable.reset()  # a retry starts from the parent again
+        return train(trainable, train_preprocess(loaded, spec.augment_scale), shots, objective,
+                     dataclasses.replace(spec, batch_size=batch_size), recipe.seed, ctx.device, progress)
+
+    stats = retry_on_oom(attempt, spec.batch_size, f"apply --method {spec.method}")
+    delta = trainable.delta()
+    allowed = dict(sorted(trainable.summary.items()))
+    del visual, trainable
+
+    data = delta.to_bytes()
+    from .delta import sha256_bytes
+
+    manifest = PatchManifest(
+        candidate_id=f"{clock.stamp()}-{spec.method}-s{recipe.seed}",
+        method=spec.method,
+        base_ref=recipe.model.ref,
+        base_fingerprint=ctx.base_fingerprint(),
+        parent=version,
+        parent_fingerprint=loaded.fingerprint,
+        fingerprint=patched_fingerprint(loaded.model, delta),
+        strength=1.0,
+        patch_sha256=sha256_bytes(data),
+        patch_bytes=len(data),
+        trainable_params=delta.trainable_count(),
+        masks=allowed,
+        seed=recipe.seed,
+        shots_hash=shots.content_hash(),
+        holdout=HoldoutRef(pool.name, list(pool.classnames), list(recipe.templates),
+                           [s.source for s in holdout.samples], holdout.labels),
+        diagnosis=diagnosis_file,
+        recipe=recipe,
+        libraries=libraries(),
+        metrics=stats,
+        created=clock.stamp(),
+    )
+    with ctx.workspace.lock():
+        store.write_candidate(ctx.workspace, manifest, data)
+        ctx.workspace.log("apply", candidate=manifest.candidate_id, method=spec.method, parent=version,
+                          trainable_params=manifest.trainable_params, patch_bytes=manifest.patch_bytes,
+                          seconds=round(stats.apply_seconds, 2))
+    return manifest
+
+
+def train_preprocess(loaded: LoadedModel, min_scale: float):
+    """open_clip's training transform (random resized crops) with the model's own normalization."""
+    if min_scale >= 1.0:
+        return loaded.preprocess
+    import open_clip
+
+    cfg = open_clip.get_model_preprocess_cfg(loaded.model)
+    return open_clip.image_transform(cfg["size"], is_train=True, mean=cfg["mean"], std=cfg["std"],
+                                     interpolation=cfg.get("interpolation"), aug_cfg={"scale": (min_scale, 1.0)})
+
+
+def reference_logits(ctx: Context, loaded: LoadedModel, recipe: Recipe):
+    """(images, parent logits, head) on the recipe's reference set, for KL distillation."""
+    from .evaluate import loader
+
+    if recipe.reference is None:
+        raise UsageError("apply.distill > 0 needs reference images", "set `reference: {path: ...}` in vepatch.yaml")
+    spec = recipe.reference
+    images = open_image_set(ctx.resolve(spec.path), None, spec.folders, spec.name or "reference", spec.max_per_class, recipe.seed)
+    images = images.subset(list(range(min(len(images), recipe.apply.distill_images))))
+    ref_head = text_head(loaded, images.classnames, recipe.templates)
+    batches, logits = [], []
+    scale = loaded.model.logit_scale.exp().detach()
+    with torch.no_grad():
+        for x, _ in loader(images, loaded.preprocess, recipe.batch_size):
+            batches.append(x)
+            logits.append(scale * loaded.model.encode_image(x.to(ctx.device), normalize=True).float().cpu() @ ref_head.T)
+    return torch.cat(batches), torch.cat(logits), ref_head
+
+
+def libraries() -> dict[str, str]:
+    import open_clip
+    import timm
+
+    return {"vepatch": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "timm": timm.__version__, "python": platform.python_version()}

@@ -1,0 +1,89 @@
+"""Measuring commands: bench, speed."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..methods import names as method_names
+from ._app import command, emit_json, out, progress_bar
+from .options import DeviceOpt, JsonOpt, WorkspaceOpt
+
+
+@command
+def bench(
+    methods: Annotated[str, typer.Option("--methods", help=f"Comma-separated methods to compare, or 'all' ({', '.join(method_names())}).")] = "all",
+    shots: Annotated[Optional[int], typer.Option("--shots", help="Training images per class.")] = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds 0..N-1 (each seed: its own shots and holdout).")] = 3,
+    workspace: WorkspaceOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Compare patch methods on this workspace's data: same shots, holdout, guards, loss and budget.
+
+    Writes .vepatch/bench/<utc>/bench.json, bench.md and bench.png (target gain vs worst guard
+    change, one point per method and seed). Candidates stay in candidates/.
+
+    Example: vepatch bench --methods lorsu,lora,full --seeds 3
+    """
+    from .. import context
+    from ..bench import markdown, run_bench, summarize, write_bench
+    from ..methods import get
+
+    chosen = method_names() if methods == "all" else [get(m.strip()).name for m in methods.split(",") if m.strip()]
+    ctx = context.open_context(workspace, device=device)
+    with progress_bar("bench") as advance:
+        runs = run_bench(ctx, chosen, list(range(seeds)), shots or ctx.recipe.apply.shots,
+                         ["--device", ctx.device], advance)
+    folder, result = write_bench(ctx, runs, chosen, seeds)
+    if as_json:
+        emit_json({**result, "folder": str(folder)})
+    else:
+        out.print(markdown(summarize(runs)))
+        out.print(f"written: {folder}")
+
+
+@command
+def speed(
+    model: Annotated[str, typer.Option("--model", help="'default', an open_clip name (random init, e.g. ViT-B-16) or local-dir:PATH.")] = "default",
+    method: Annotated[str, typer.Option("--method", help=f"Whose trainable set the patch step updates ({', '.join(method_names())}).")] = "lorsu",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 32,
+    steps: Annotated[int, typer.Option("--steps", help="Timed steps (after one warm-up).")] = 10,
+    guard: Annotated[Optional[str], typer.Option("--guard", help="Instead: time the guard on this candidate ('latest'), plain vs fast path.")] = None,
+    workspace: WorkspaceOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Patch-step and guard throughput, FLOPs utilisation against the device's bf16 peak, peak
+    memory and where the time goes; or, with --guard, the guard's fast path against the plain one.
+
+    Example: vepatch speed --model ViT-B-16 --batch-size 64 --device cuda
+    """
+    from .. import context
+
+    if guard is not None:
+        from ..speed import time_guard
+
+        ctx = context.open_context(workspace, device=device)
+        timing = time_guard(ctx, None if guard == "latest" else guard)
+        if as_json:
+            emit_json(timing)
+            return
+        out.print(f"guard on {timing.candidate_id}: {timing.passes} passes x {timing.images} images, kept inputs at "
+                  f"'{timing.entry or 'images'}'")
+        out.print(f"  plain {timing.plain_seconds:.1f} s | fast, cold cache {timing.fast_cold_seconds:.1f} s "
+                  f"({timing.plain_seconds / timing.fast_cold_seconds:.2f}x) | fast, warm cache {timing.fast_warm_seconds:.1f} s "
+                  f"({timing.plain_seconds / timing.fast_warm_seconds:.2f}x) | identical results: {timing.identical}")
+        return
+    from ..speed import measure
+
+    ctx = context.open_context(workspace, model=model, device=device, required=False)
+    report = measure(ctx.base(), model, method, batch_size, steps, ctx.device)
+    if as_json:
+        emit_json(report)
+        return
+    from .render import speed_report
+
+    for line in speed_report(report):
+        out.print(line)

@@ -1,0 +1,58 @@
+"""The cron step: cycle (and its measuring mode, --stream)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._app import command, emit_json, err, out
+from .options import DeviceOpt, JsonOpt, WorkspaceOpt
+
+
+@command
+def cycle(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would happen; change nothing.")] = False,
+    wait: Annotated[float, typer.Option("--wait", help="Wait up to SECONDS for the workspace lock (default: exit 5 at once).")] = 0.0,
+    stream: Annotated[Optional[Path], typer.Option("--stream", help="Measure: run one cycle per round of STREAM/<round>/{pool,errors}/.")] = None,
+    workspace: WorkspaceOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """One continual step for cron: inbox -> diagnose -> apply -> guard -> promote -> archive.
+
+    Exit 0 promoted, 3 refused (candidate and verdict kept), 4 nothing new, 5 locked, 1 error.
+    A cycle killed at any point is finished by the next one; no image is lost or used twice.
+
+    Example: vepatch cycle --json   (crontab: see examples/crontab)
+    """
+    from .. import context
+    from ..cycle import failure_report, run_logged, run_stream
+    from .render import stream_table
+
+    ctx = context.open_context(workspace, device=device)
+    if stream is not None:
+        def say(r):
+            if not as_json:
+                err.print(f"round {r.round}: {r.status}, HEAD {r.version}")
+
+        rounds = run_stream(ctx, stream, wait, say)
+        if as_json:
+            emit_json({"rounds": rounds})
+        else:
+            out.print(stream_table(rounds))
+        return
+    try:
+        report = run_logged(ctx, dry_run, wait)
+    except Exception as exc:
+        if as_json:
+            emit_json(failure_report(exc))
+        raise
+    if as_json:
+        emit_json(report)
+    else:
+        out.print(f"cycle {report.cycle_id or '-'}: {report.status} — {report.new_images} new image(s), "
+                  f"{report.duplicates} seen before; {report.version or report.candidate_id or ''} {report.reason}")
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)

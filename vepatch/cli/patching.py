@@ -1,0 +1,120 @@
+"""Patching commands: diagnose, apply, guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..methods import names as method_names
+from ._app import command, emit_json, out, progress_bar
+from .options import DeviceOpt, JsonOpt, WorkspaceOpt
+
+
+@command
+def diagnose(
+    errors_dir: Annotated[Path, typer.Argument(help="Misclassified images: errors/<true class>/*.jpg.")],
+    fc1_fraction: Annotated[Optional[float], typer.Option("--fc1-fraction", help="Per-layer share of fc1 entries to select.")] = None,
+    heads: Annotated[Optional[int], typer.Option("--heads", help="Attention heads to select per layer.")] = None,
+    control: Annotated[Optional[str], typer.Option("--control", help="'random': same budget at random places.")] = None,
+    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Score at most this many images.")] = None,
+    top: Annotated[int, typer.Option("--top", help="Rows to show per table.")] = 12,
+    workspace: WorkspaceOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Find the vision-encoder parameters most responsible for these errors.
+
+    Scores fc1 entries and attention heads by the mean gradient of the loss over the
+    misclassified images (LoRSU), writes .vepatch/diagnoses/<utc>.json and its masks.
+
+    Example: vepatch diagnose errors/
+    """
+    from .. import context
+    from ..diagnose import run_diagnose
+    from .render import diagnosis_tables
+
+    ctx = context.open_context(workspace, device=device)
+    overrides = {
+        "diagnose.fc1_fraction": fc1_fraction, "diagnose.heads_per_layer": heads,
+        "diagnose.control": control, "diagnose.max_samples": max_samples,
+    }
+    diagnosis, path = run_diagnose(ctx, errors_dir, overrides)
+    if as_json:
+        emit_json({"file": str(path), "diagnosis": diagnosis})
+        return
+    for table in diagnosis_tables(diagnosis, top):
+        out.print(table)
+    out.print(f"written: {path}")
+
+
+@command
+def apply(
+    shots: Annotated[Optional[int], typer.Option("--shots", help="Training images per class.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help=f"One of: {', '.join(method_names())} (default: the recipe's).")] = None,
+    diagnosis: Annotated[str, typer.Option("--diagnosis", help="'latest', a diagnosis file, or 'none' (masks from the shots).")] = "latest",
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the shots.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for shots, masks and training.")] = None,
+    loss: Annotated[Optional[str], typer.Option("--loss", help="'ce' (frozen text head) or 'contrastive'.")] = None,
+    workspace: WorkspaceOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Train a candidate patch on the current version from a few shots per class.
+
+    The candidate lands in .vepatch/candidates/<id>/; it becomes a version only when
+    `vepatch guard` accepts it.
+
+    Example: vepatch apply --shots 16
+    """
+    from .. import context
+    from ..apply import run_apply
+    from ..recipe import with_overrides
+
+    ctx = context.open_context(workspace, device=device)
+    recipe = with_overrides(ctx.recipe, {"apply.shots": shots, "apply.method": method, "apply.epochs": epochs,
+                                         "apply.lr": lr, "seed": seed, "apply.loss": loss})
+    with progress_bar("training") as advance:
+        manifest = run_apply(ctx, recipe, diagnosis, advance)
+    if as_json:
+        emit_json(manifest)
+        return
+    m = manifest.metrics
+    out.print(f"candidate {manifest.candidate_id}: {manifest.method} on {manifest.parent}, "
+              f"{manifest.trainable_params:,} trainable numbers, {manifest.patch_bytes:,} bytes, "
+              f"{m.apply_seconds:.1f}s, peak {m.peak_memory_mb:.0f} MB")
+    out.print("next: vepatch guard")
+
+
+@command(sharded=True)
+def guard(
+    candidate: Annotated[Optional[str], typer.Argument(help="Candidate id (default: the latest).")] = None,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", help="vM or base (default: the current version).")] = None,
+    no_promote: Annotated[bool, typer.Option("--no-promote", help="Write the version but do not make it current.")] = False,
+    workspace: WorkspaceOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Judge a candidate against a baseline on the target holdout and every guard suite.
+
+    Tries strengths 0.25..1 of the patch, keeps the best that passes, writes it as the next
+    version vN and makes it current. Exit 3 when refused (nothing becomes a version).
+
+    Example: vepatch guard --baseline v3
+    """
+    from .. import context
+    from ..guard import run_guard
+    from .render import guard_tables
+
+    ctx = context.open_context(workspace, device=device)
+    report = run_guard(ctx, candidate, baseline, promote=True, make_current=not no_promote)
+    if as_json:
+        emit_json(report)
+    else:
+        for table in guard_tables(report):
+            out.print(table)
+        out.print(f"[bold]{'ACCEPTED as ' + report.version if report.accepted else 'REFUSED'}[/]: {report.reason}")
+    if not report.accepted:
+        raise typer.Exit(3)

@@ -1,0 +1,146 @@
+"""Store commands: log, show, rollback, export, verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._app import command, emit_json, err, out
+from ..errors import UsageError
+from ..workspace import find_workspace
+from .options import JsonOpt, WorkspaceOpt
+
+
+@command
+def log(
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """The version chain and what happened in this workspace.
+
+    Example: vepatch log
+    """
+    from .. import store
+    from .render import log_table
+
+    ws = find_workspace(workspace)
+    manifests = [store.read_manifest(ws, v) for v in store.versions(ws)]
+    current = store.head(ws)
+    if as_json:
+        emit_json({"head": current, "versions": manifests})
+        return
+    out.print(log_table(manifests, current))
+
+
+@command
+def show(
+    version: Annotated[str, typer.Argument(help="vN, or a candidate id.")],
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """What a version (or candidate) changed: blocks, heads, parameters, metrics, verdict.
+
+    Example: vepatch show v1
+    """
+    from .. import store
+    from ..records import GuardReport, read_record
+    from .render import show_tables
+
+    ws = find_workspace(workspace)
+    if store.VERSION_RE.match(version):
+        folder = store.version_dir(ws, version)
+        manifest = store.read_manifest(ws, version)
+    else:
+        folder = ws.candidate_dir(version)
+        manifest, _ = store.read_candidate(ws, version)
+    report = read_record(GuardReport, folder / store.GUARD_FILE) if (folder / store.GUARD_FILE).is_file() else None
+    if as_json:
+        emit_json({"manifest": manifest, "guard": report})
+        return
+    for table in show_tables(manifest, report):
+        out.print(table)
+
+
+@command
+def rollback(
+    version: Annotated[str, typer.Argument(help="vN or base.")],
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Make an earlier version current (moves HEAD; nothing is deleted).
+
+    Example: vepatch rollback v3
+    """
+    from .. import store
+
+    ws = find_workspace(workspace)
+    with ws.lock():
+        before = store.head(ws)
+        store.set_head(ws, version)
+        ws.log("rollback", from_version=before, to_version=version)
+    if as_json:
+        emit_json({"head": version, "previous": before})
+    else:
+        out.print(f"HEAD: {before} -> {version}")
+
+
+@command
+def export(
+    version: Annotated[str, typer.Argument(help="vN (or base).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="open_clip (merged local-dir: bundle) or peft (plain-LoRA patches).")] = "open_clip",
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Write a version as a merged model open_clip loads by itself (local-dir:), or a peft adapter.
+
+    Example: vepatch export v1 --out exported/ && python -c "import open_clip; open_clip.create_model('local-dir:exported')"
+    """
+    from .. import context, store
+    from ..export import export_bundle, export_peft
+
+    ctx = context.open_context(workspace)
+    if fmt == "peft":
+        if len(store.chain(ctx.workspace, version)) != 1:
+            raise UsageError("--format peft exports one patch on the base", "export a v1-on-base patch, or use --format open_clip")
+        manifest = store.read_manifest(ctx.workspace, version)
+        delta = store.load_delta(store.version_dir(ctx.workspace, version) / store.PATCH_FILE, manifest.patch_sha256)
+        path = export_peft(delta, out_dir, ctx.recipe.apply.rank, ctx.recipe.apply.lora_alpha)
+    elif fmt == "open_clip":
+        loaded, name = ctx.model(version)
+        path = export_bundle(loaded, ctx.recipe.model.ref, out_dir, name)
+    else:
+        raise UsageError(f"unknown format '{fmt}'", "use --format open_clip or --format peft")
+    ctx.workspace.log("export", version=version, out=str(path), format=fmt)
+    if as_json:
+        emit_json({"version": version, "out": str(path), "format": fmt})
+    else:
+        out.print(f"exported {version} to {path} ({fmt})")
+
+
+@command
+def verify(
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Re-hash every patch and re-check every fingerprint; exit 1 on any problem.
+
+    Example: vepatch verify
+    """
+    from .. import context, store
+
+    ctx = context.open_context(workspace)
+    problems = store.verify(ctx.workspace, ctx.base())  # a fresh base: verify patches it along each chain
+    left = [str(p) for p in store.leftovers(ctx.workspace)]
+    if as_json:
+        emit_json({"ok": not problems, "problems": problems, "leftover_temp": left})
+    else:
+        for p in problems:
+            err.print(f"[red]problem:[/] {p}")
+        if left:
+            err.print(f"{len(left)} temp folder(s) from an interrupted write (invisible, safe to delete): {', '.join(left)}")
+        out.print("store verifies" if not problems else f"{len(problems)} problem(s)")
+    if problems:
+        raise typer.Exit(1)
