@@ -53,3 +53,31 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_recipe(path)
     with pytest.raises(UsageError, match="recipe not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text,where,hint", [
+    ("apply:\n  method: lorsa\n", "apply.method 'lorsa'", "did you mean 'lora'"),
+    ("apply:\n  loss: contrastiv\n", "apply.loss", "did you mean 'contrastive'"),
+    ("diagnose:\n  control: randm\n", "diagnose.control", "did you mean 'random'"),
+])
+def test_choices_are_checked_against_their_one_list(tmp_path, text, where, hint):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError) as info:
+        load_recipe(path)
+    assert where in str(info.value) and hint in str(info.value) and str(path) in str(info.value)
+
+
+def test_every_registered_method_is_offered_by_the_cli_and_has_its_own_file():
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    import vepatch.methods as methods
+    from vepatch.cli import app
+
+    files = {p.stem for p in Path(methods.__file__).parent.glob("*.py")} - {"__init__", "method", "trainable", "train"}
+    assert {m.replace("-", "_").replace("+", "_") for m in methods.names()} == files
+    help_text = " ".join(CliRunner().invoke(app, ["apply", "--help"], env={"COLUMNS": "400"}).output.split())
+    for name in methods.names():
+        assert name in help_text

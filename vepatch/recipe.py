@@ -115,7 +115,20 @@ def load_recipe(path: Path) -> Recipe:
         raise UsageError(f"{path}:{line} is not valid YAML", "fix the syntax") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a recipe is a mapping of keys", "see recipes/default.yaml")
-    return from_plain(Recipe, data, where=str(path))
+    return check_recipe(from_plain(Recipe, data, where=str(path)), str(path))
+
+
+def check_recipe(recipe: Recipe, where: str = "flags") -> Recipe:
+    """What types alone cannot say: the method must be a registered one (vepatch/methods/)."""
+    from .methods import REGISTRY
+
+    if recipe.apply.method not in REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(recipe.apply.method, list(REGISTRY), n=1)
+        raise UsageError(f"{where}: apply.method '{recipe.apply.method}' is not a method",
+                         f"did you mean '{close[0]}'?" if close else f"use one of: {', '.join(REGISTRY)}")
+    return recipe
 
 
 def dump_recipe(recipe: Recipe) -> str:
@@ -129,7 +142,7 @@ def with_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
             continue
         *parents, leaf = dotted.split(".")
         recipe = _replace_path(recipe, parents, leaf, value)
-    return recipe
+    return check_recipe(recipe)
 
 
 def _replace_path(obj: Any, parents: list[str], leaf: str, value: Any) -> Any:
