@@ -4,8 +4,12 @@ one group per round) from Fashion-MNIST (Debian's dataset-fashion-mnist):
   STREAM/r1..r5/pool/<class>/    labelled shots + holdout for that round's two classes
   STREAM/r1..r5/errors/<class>/  images dropped into the inbox for that round (disjoint from pool)
 
-    python examples/prepare_stream.py STREAM [--pool 100] [--errors 20]
+    python examples/prepare_stream.py STREAM [--pool 40] [--errors 10] [--split test|train]
     vepatch cycle --stream STREAM      # in a workspace made from recipes/fashion-stream.yaml
+
+Every image of a round is dropped into the inbox (both folders); the cycle sets its holdout
+aside from them. Tune on a stream from the training split (--split train), report on one
+from the test split (the default): the two never share an image.
 """
 
 import argparse
@@ -20,12 +24,14 @@ from prepare_guards import FASHION, FASHION_CLASSES, read_idx
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--pool", type=int, default=100, help="pool images per class per round")
-    parser.add_argument("--errors", type=int, default=20, help="inbox images per class per round")
+    parser.add_argument("--pool", type=int, default=40, help="pool images per class per round")
+    parser.add_argument("--errors", type=int, default=10, help="inbox images per class per round")
+    parser.add_argument("--split", choices=["test", "train"], default="test", help="Fashion-MNIST split to draw from")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    images = read_idx(next(iter(sorted(FASHION.glob("train-images*")))))
-    labels = read_idx(next(iter(sorted(FASHION.glob("train-labels*")))))
+    prefix = "t10k" if args.split == "test" else "train"
+    images = read_idx(next(iter(sorted(FASHION.glob(f"{prefix}-images*")))))
+    labels = read_idx(next(iter(sorted(FASHION.glob(f"{prefix}-labels*")))))
     rng = random.Random(args.seed)
     for r in range(5):
         for c in (2 * r, 2 * r + 1):
@@ -37,7 +43,7 @@ def main() -> None:
                 d.mkdir(parents=True, exist_ok=True)
                 for i in subset:
                     Image.fromarray(images[i]).save(d / f"{i:05d}.png")
-    print(f"{args.out}: 5 rounds of 2 classes, {args.pool} pool + {args.errors} inbox images per class")
+    print(f"{args.out}: 5 rounds of 2 classes, {args.pool} + {args.errors} images per class ({args.split} split)")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def _cycle_ws(make_workspace, bundle, tmp_path) -> Path:
 
 def _drop(root: Path, seed: int, per_class: int = 3) -> set[str]:
     """Operators drop images into inbox/<class>/; returns their content hashes."""
-    from vepatch.cycle import file_sha256
+    from vepatch.inbox import file_sha256
 
     folder = tiny.make_folder(root / "inbox", per_class, seed=seed)
     return {file_sha256(p) for p in folder.glob("*/*.png")}
@@ -41,7 +41,7 @@ def _run(root: Path, *args, fault: str = "") -> subprocess.CompletedProcess:
 
 
 def _archived_hashes(root: Path) -> list[str]:
-    from vepatch.cycle import file_sha256
+    from vepatch.inbox import file_sha256
 
     return sorted(file_sha256(p) for p in (root / "archive").rglob("*.png"))
 

@@ -201,8 +201,8 @@ def test_l2_and_distillation_regularize_the_delta(make_workspace, vit_bundle, tm
     text = (root / "vepatch.yaml").read_text().replace("reference: null", f"reference:\n  path: {ref}")
     (root / "vepatch.yaml").write_text(text)
     norms = {}
-    for name, l2, distill in (("plain", 0.0, 0.0), ("l2", 10.0, 0.0), ("distill", 0.0, 50.0)):
-        t = text.replace("l2: 0.0", f"l2: {l2}").replace("distill: 0.0", f"distill: {distill}")
+    for name, l2, retain in (("plain", 0.0, "replay"), ("l2", 10.0, "replay"), ("distill", 0.0, "distill")):
+        t = text.replace("l2: 0.0", f"l2: {l2}").replace("retain: replay", f"retain: {retain}").replace("distill: 1.0", "distill: 50.0")
         (root / "vepatch.yaml").write_text(t)
         result, manifest = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none", "--method", "full")
         assert result.exit_code == 0, result.output

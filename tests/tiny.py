@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 CLASSES = ["red square", "green circle", "blue stripes"]
+NEW_CLASSES = ["yellow cross", "purple dots"]  # drawn too, never fitted: what a site meets later
 PREPROCESS = {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear", "resize_mode": "shortest"}
 TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 
@@ -48,9 +49,15 @@ def draw(cls: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
     elif cls == 1:
         m = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
         img[m] = [30, 220, 30]
-    else:
+    elif cls == 2:
         m = (xx // 4) % 2 == 0
         img[m] = [30, 30, 220]
+    elif cls == 3:  # the classes past CLASSES: new kinds of object for class-incremental tests
+        m = (abs(yy - size / 2) < size / 10) | (abs(xx - size / 2) < size / 10)
+        img[m] = [220, 220, 30]
+    else:
+        m = ((yy // 6) % 2 == 0) & ((xx // 6) % 2 == 0)
+        img[m] = [200, 30, 200]
     img = np.clip(img.astype(int) + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
     return Image.fromarray(img)
 
@@ -61,5 +68,6 @@ def make_folder(root: Path, per_class: int = 8, seed: int = 0, classes=CLASSES, 
         d = root / name.replace(" ", "_")
         d.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            draw(c % 3, rng, size).save(d / f"{i:03d}.png")
+            kinds = CLASSES + NEW_CLASSES  # a known name is drawn as itself, wherever it stands in `classes`
+            draw(kinds.index(name) if name in kinds else c % 3, rng, size).save(d / f"{i:03d}.png")
     return root

@@ -7,6 +7,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import platform
+import random
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -27,12 +30,37 @@ from .recipe import Recipe
 from .records import Diagnosis, HoldoutRef, PatchManifest, read_record
 
 
-def open_pool(ctx: Context, recipe: Recipe) -> ImageSet:
-    if recipe.shot_pool is None:
-        raise UsageError(f"{ctx.workspace.recipe_path}: no shot_pool", "set shot_pool.path to a labelled folder of the target classes")
-    spec = recipe.shot_pool
-    return open_image_set(ctx.resolve(spec.path), recipe.classes, spec.folders, spec.name or "target",
-                          spec.max_per_class, recipe.seed)
+@dataclass(frozen=True)
+class ShotPlan:
+    """What one apply trains on and is judged by."""
+
+    shots: ImageSet  # the training images
+    holdout: HoldoutRef  # the target holdout the guard measures (never among the shots)
+    cycle: str = ""  # the cycle that made the plan ('' for `vepatch apply`)
+    reference: Optional[ImageSet] = None  # images to distill the parent on, when the recipe names none
+
+
+def plan_from_pool(ctx: Context, recipe: Recipe, folder: Optional[Path] = None) -> ShotPlan:
+    """`vepatch apply`: seeded shots per class from the shot pool (or from `folder`, e.g.
+    errors/), and a disjoint target holdout from the same images."""
+    if folder is not None:
+        pool = open_image_set(ctx.resolve(folder), recipe.classes, {}, folder.name, 0, recipe.seed)
+    elif recipe.shot_pool is None:
+        raise UsageError(f"{ctx.workspace.recipe_path}: no shot_pool",
+                         "set shot_pool.path to a labelled folder of the target classes, or pass --from DIR")
+    else:
+        spec = recipe.shot_pool
+        pool = open_image_set(ctx.resolve(spec.path), recipe.classes, spec.folders, spec.name or "target",
+                              spec.max_per_class, recipe.seed)
+    train_idx, holdout_idx = split_shots(pool, recipe.apply.shots, recipe.seed, recipe.apply.holdout_per_class)
+    if not holdout_idx:
+        raise DataError(f"{pool.root}: no image left for the target holdout", "lower --shots or add images to the pool")
+    holdout = pool.subset(holdout_idx, "target-holdout")
+    return ShotPlan(pool.subset(train_idx, "shots"), holdout_ref(holdout, pool.name, recipe))
+
+
+def holdout_ref(holdout: ImageSet, name: str, recipe: Recipe) -> HoldoutRef:
+    return HoldoutRef(name, list(holdout.classnames), list(recipe.templates), [s.source for s in holdout.samples], holdout.labels)
 
 
 def diagnosis_masks(ctx: Context, fingerprint_: str, choice: str) -> tuple[Optional[Masks], str]:
@@ -68,14 +96,13 @@ def score_masks(ctx: Context, loaded: LoadedModel, head: torch.Tensor, shots: Im
     return build_masks(grads, tower, spec.fc1_fraction, spec.heads_per_layer, control, recipe.seed)
 
 
-def run_apply(ctx: Context, recipe: Recipe, diagnosis: str = "latest", progress: Optional[Callable[[int, int], None]] = None) -> PatchManifest:
+def run_apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan] = None, diagnosis: str = "latest",
+              progress: Optional[Callable[[int, int], None]] = None) -> PatchManifest:
+    """Train a candidate on the current version from `plan` (default: the shot pool's)."""
     spec = recipe.apply
     method = get_method(spec.method)
-    pool = open_pool(ctx, recipe)
-    train_idx, holdout_idx = split_shots(pool, spec.shots, recipe.seed, spec.holdout_per_class)
-    if not holdout_idx:
-        raise DataError(f"{pool.root}: no image left for the target holdout", "lower --shots or add images to the pool")
-    shots, holdout = pool.subset(train_idx, "shots"), pool.subset(holdout_idx, "target-holdout")
+    plan = plan or plan_from_pool(ctx, recipe)
+    shots = plan.shots
     loaded, version = ctx.model()
     tower = describe_tower(loaded.model)
     head = text_head(loaded, recipe.classes, recipe.templates)
@@ -92,7 +119,9 @@ def run_apply(ctx: Context, recipe: Recipe, diagnosis: str = "latest", progress:
     prompts = None
     if spec.loss == "contrastive":  # (classes, templates, dim): one random template per image
         prompts = torch.stack([text_head(loaded, recipe.classes, [t]) for t in recipe.templates], dim=1)
-    reference = reference_logits(ctx, loaded, recipe) if spec.distill > 0 else None
+    # distillation: on the recipe's reference set, or a cycle's earlier images (none on a first night: nothing to keep yet)
+    distill = spec.retain == "distill" and not (plan.cycle and plan.reference is None and recipe.reference is None)
+    reference = reference_logits(ctx, loaded, recipe, plan.reference) if distill else None
     objective = Objective(head, loaded.model.logit_scale.exp().detach(), prompts, reference)
     from .runtime.oom import retry_on_oom
 
@@ -124,8 +153,9 @@ def run_apply(ctx: Context, recipe: Recipe, diagnosis: str = "latest", progress:
         masks=allowed,
         seed=recipe.seed,
         shots_hash=shots.content_hash(),
-        holdout=HoldoutRef(pool.name, list(pool.classnames), list(recipe.templates),
-                           [s.source for s in holdout.samples], holdout.labels),
+        holdout=plan.holdout,
+        train_files=[s.source for s in shots.samples],
+        cycle=plan.cycle,
         diagnosis=diagnosis_file,
         recipe=recipe,
         libraries=libraries(),
@@ -151,15 +181,26 @@ def train_preprocess(loaded: LoadedModel, min_scale: float):
                                      interpolation=cfg.get("interpolation"), aug_cfg={"scale": (min_scale, 1.0)})
 
 
-def reference_logits(ctx: Context, loaded: LoadedModel, recipe: Recipe):
-    """(images, parent logits, head) on the recipe's reference set, for KL distillation."""
+def reference_logits(ctx: Context, loaded: LoadedModel, recipe: Recipe, fallback: Optional[ImageSet] = None):
+    """(images, parent logits, head) on the recipe's reference set (or `fallback`: a cycle's
+    earlier labelled images, used without their labels), for KL distillation."""
     from .evaluate import loader
 
-    if recipe.reference is None:
-        raise UsageError("apply.distill > 0 needs reference images", "set `reference: {path: ...}` in vepatch.yaml")
-    spec = recipe.reference
-    images = open_image_set(ctx.resolve(spec.path), None, spec.folders, spec.name or "reference", spec.max_per_class, recipe.seed)
-    images = images.subset(list(range(min(len(images), recipe.apply.distill_images))))
+    if recipe.reference is not None:
+        spec = recipe.reference
+        path = ctx.resolve(spec.path).resolve()
+        if any(ctx.resolve(g.path).resolve() == path for g in recipe.guard.suites):
+            raise UsageError(f"{ctx.workspace.recipe_path}: the reference set {spec.path} is also a guard suite",
+                             "distill on other images: a guard suite must stay unseen to measure anything")
+        images = open_image_set(path, None, spec.folders, spec.name or "reference", spec.max_per_class, recipe.seed)
+    elif fallback is not None and len(fallback):
+        images = fallback
+    else:
+        raise UsageError("apply.retain: distill needs reference images",
+                         "set `reference: {path: ...}` in vepatch.yaml (any unlabelled images that are no guard suite)")
+    if len(images) > recipe.apply.distill_images:
+        pick = sorted(random.Random(recipe.seed).sample(range(len(images)), recipe.apply.distill_images))
+        images = images.subset(pick)
     ref_head = text_head(loaded, images.classnames, recipe.templates)
     batches, logits = [], []
     scale = loaded.model.logit_scale.exp().detach()

@@ -1,10 +1,13 @@
-"""One continual step, for cron: new images in the inbox -> diagnose -> apply -> guard ->
-promote or refuse -> move the images to a dated archive. Never deletes an image.
+"""One continual step, for cron: tonight's drops -> diagnose -> apply -> guard -> promote or
+refuse -> move the images to a dated archive. Never deletes an image.
 
-Every step is recorded in .vepatch/cycles/<id>/state.json before the next starts, so a
-cycle killed at any point is finished by the next run: images stay in the inbox until the
-verdict is written, and the archive move is re-done from the recorded list.
-Already-seen images are recognized by content hash (.vepatch/seen.jsonl)."""
+A cycle learns from what operators drop (inbox.py): a seeded share of each class's new images
+is set aside as the cycle's target holdout, the rest join the labelled pool, and the patch is
+trained on tonight's images plus earlier ones (apply.retain says which); the guard protects
+every earlier accepted holdout. Every step is recorded in .vepatch/cycles/<id>/state.json
+before the next starts, so a cycle killed at any point is finished by the next run. A cycle
+that fails the same way `cycle.max_same_failure` times is set aside (its images quarantined)
+so that the next run takes new images; `vepatch cycle --abandon` does that by hand."""
 
 from __future__ import annotations
 
@@ -12,56 +15,60 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
+import random
 import signal
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
-from . import clock
+from . import clock, store
 from ._typed import from_plain, to_plain
-from .context import Context, open_guard_suite
-from .data import IMAGE_SUFFIXES
-from .errors import NothingToDo, UsageError
+from .apply import ShotPlan, holdout_ref
+from .context import Context
+from .data import ImageSet, Sample, class_of_folder
+from .errors import NothingToDo
 from .fsio import append_line, write_text_atomic
+from .inbox import InboxFile, Quarantined, inbox_dir, labelled_pool, quarantine, scan_inbox, seen_hashes, split_holdout, stage
+from .records import ClassOutcome, GuardReport, read_record
 
-Step = Literal["staged", "diagnosed", "applied", "judged", "done"]  # in this order
-
-
-@dataclass(frozen=True)
-class InboxFile:
-    source: str  # path in the inbox, relative to the workspace
-    sha256: str
-    label: str  # the class folder it came in
+Step = Literal["staged", "diagnosed", "applied", "judged", "done", "failed", "abandoned"]
+FINISHED = ("done", "failed", "abandoned")
 
 
 @dataclass(frozen=True)
 class CycleState:
     cycle_id: str
     step: Step
-    files: list[InboxFile]
-    duplicates: list[InboxFile] = field(default_factory=list)
+    files: list[InboxFile]  # tonight's new images, as they lay in the inbox
+    duplicates: list[InboxFile] = field(default_factory=list)  # seen before: archived, not used
+    holdout: list[str] = field(default_factory=list)  # sha256 of the new images set aside as the target holdout
+    seed: int = 0  # this cycle's seed: holdout split, shots, masks, training
     candidate_id: str = ""
     accepted: bool = False
     version: str = ""
     reason: str = ""
+    outcomes: list[ClassOutcome] = field(default_factory=list)  # the target holdout, per class
+    failures: list[str] = field(default_factory=list)  # errors of failed attempts, oldest first
 
 
 @dataclass(frozen=True)
 class CycleReport:
     cycle_id: str
-    status: Literal["promoted", "refused", "nothing-new", "already-right", "dry-run", "locked", "failed"]
+    status: Literal["promoted", "refused", "nothing-new", "already-right", "pooled", "dry-run", "locked",
+                    "failed", "abandoned"]
     new_images: int
     duplicates: int
     candidate_id: str
     version: str
     reason: str
     resumed: bool = False
+    holdout_images: int = 0  # of the new images, set aside as the target holdout
+    quarantined: list[Quarantined] = field(default_factory=list)  # bad drops moved aside tonight
+    outcomes: list[ClassOutcome] = field(default_factory=list)  # what the (promoted) patch did on the holdout
 
     @property
     def exit_code(self) -> int:
         """What cron reads: 0 promoted (or nothing to learn), 3 refused, 4 nothing new, 5 locked, 1 failed."""
-        return {"refused": 3, "nothing-new": 4, "locked": 5, "failed": 1}.get(self.status, 0)
+        return {"refused": 3, "nothing-new": 4, "pooled": 4, "locked": 5, "failed": 1}.get(self.status, 0)
 
 
 def fault_point(name: str) -> None:
@@ -70,52 +77,24 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def seen_hashes(ctx: Context) -> set[str]:
-    path = ctx.workspace.seen_path
-    if not path.is_file():
-        return set()
-    return {json.loads(line)["sha256"] for line in path.read_text().splitlines() if line.strip()}
-
-
-def inbox_dir(ctx: Context) -> Path:
-    """The inbox must lie inside the workspace: cycle moves files out of it."""
-    inbox = ctx.resolve(ctx.recipe.inbox).resolve()
-    if not inbox.is_relative_to(ctx.workspace.root.resolve()):
-        raise UsageError(f"{ctx.workspace.recipe_path}: inbox '{ctx.recipe.inbox}' is outside the workspace",
-                         "use a folder inside the workspace (default: inbox)")
-    return inbox
-
-
-def scan_inbox(ctx: Context) -> tuple[list[InboxFile], list[InboxFile]]:
-    """(new, already seen) image files in inbox/<class>/; links leading outside are ignored."""
-    inbox = inbox_dir(ctx)
-    if not inbox.is_dir():
-        return [], []
-    root, seen, new, dup, batch = ctx.workspace.root, seen_hashes(ctx), [], [], set()
-    for f in sorted(inbox.glob("*/*")):
-        if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES or not f.resolve().is_relative_to(inbox.resolve()):
-            continue
-        entry = InboxFile(str(f.relative_to(root)), file_sha256(f), f.parent.name)
-        (dup if entry.sha256 in seen or entry.sha256 in batch else new).append(entry)
-        batch.add(entry.sha256)
-    return new, dup
-
-
 def save_state(ctx: Context, state: CycleState) -> None:
     write_text_atomic(ctx.workspace.cycle_state(state.cycle_id), json.dumps(to_plain(state), indent=2))
 
 
-def unfinished(ctx: Context) -> Optional[CycleState]:
+def states(ctx: Context) -> list[CycleState]:
+    """Every cycle's state, oldest first."""
     folder = ctx.workspace.cycles
-    for path in sorted(folder.glob("*/state.json"), reverse=True) if folder.is_dir() else []:
-        state = from_plain(CycleState, json.loads(path.read_text()), strict=False)
-        if state.step != "done":
-            return state
-    return None
+    paths = sorted(folder.glob("*/state.json")) if folder.is_dir() else []
+    return [from_plain(CycleState, json.loads(p.read_text()), strict=False) for p in paths]
+
+
+def unfinished(ctx: Context) -> Optional[CycleState]:
+    return next((s for s in reversed(states(ctx)) if s.step not in FINISHED), None)
+
+
+def cycle_seed(seed: int, cycle_id: str) -> int:
+    """A seed of its own for every cycle (so nights do not repeat one sample), reproducible."""
+    return int(hashlib.sha256(f"{seed}:{cycle_id}".encode()).hexdigest()[:8], 16)
 
 
 def run_logged(ctx: Context, dry_run: bool = False, wait: float = 0.0) -> CycleReport:
@@ -131,7 +110,8 @@ def run_logged(ctx: Context, dry_run: bool = False, wait: float = 0.0) -> CycleR
         raise
     if not dry_run:
         ws.log("cycle", status=report.status, exit_code=report.exit_code, cycle=report.cycle_id, new_images=report.new_images,
-               candidate=report.candidate_id, version=report.version, resumed=report.resumed)
+               candidate=report.candidate_id, version=report.version, resumed=report.resumed,
+               quarantined=len(report.quarantined))
     return report
 
 
@@ -143,72 +123,161 @@ def failure_report(exc: BaseException) -> CycleReport:
 
 def run_cycle(ctx: Context, dry_run: bool = False) -> CycleReport:
     """One step; the caller holds the workspace lock."""
-    from .apply import run_apply
-    from .diagnose import run_diagnose
-    from .guard import run_guard
-
+    ws = ctx.workspace
     state = unfinished(ctx)
-    resumed = state is not None
+    resumed, moved = state is not None, []
     if state is None:
-        new, dup = scan_inbox(ctx)
+        scan = scan_inbox(ctx)
         if dry_run:
-            return CycleReport("", "dry-run", len(new), len(dup), "", "",
-                               f"would diagnose, apply and guard {len(new)} new image(s)" if new else "nothing new")
-        if not new:
-            if dup:
-                _archive(ctx, CycleState("dups-" + clock.stamp(), "judged", [], dup))
-            raise NothingToDo(f"{inbox_dir(ctx)}: no new image", "operators drop misclassified images into inbox/<class>/")
-        state = CycleState(clock.stamp(), "staged", new, dup)
-        _stage(ctx, state)
+            return CycleReport("", "dry-run", len(scan.new), len(scan.duplicates), "", "",
+                               (f"would diagnose, apply and guard {len(scan.new)} new image(s)" if scan.new else "nothing new")
+                               + (f"; would quarantine {len(scan.bad)} bad drop(s)" if scan.bad else ""))
+        moved = quarantine(ws, scan.bad)
+        if not scan.new:
+            if scan.duplicates:
+                _archive(ctx, CycleState("dups-" + clock.stamp(), "judged", [], scan.duplicates))
+            bad = f" ({len(moved)} bad drop(s) moved to quarantine/: {moved[0].reason}{', ...' if len(moved) > 1 else ''})" if moved else ""
+            raise NothingToDo(f"{inbox_dir(ctx)}: no new image{bad}",
+                              "operators drop misclassified images into inbox/<class>/")
+        cycle_id = clock.stamp()
+        seed = cycle_seed(ctx.recipe.seed, cycle_id)
+        train, holdout = split_holdout(scan.new, ctx.recipe.cycle.holdout_share, seed)
+        state = CycleState(cycle_id, "staged", scan.new, scan.duplicates, [f.sha256 for f in holdout], seed)
+        stage(ws, cycle_id, ws.root, train, holdout)
         save_state(ctx, state)
     elif dry_run:
         return CycleReport(state.cycle_id, "dry-run", len(state.files), len(state.duplicates), state.candidate_id,
                            state.version, f"would resume the unfinished cycle at step '{state.step}'", True)
     fault_point("after-stage")
-    errors_dir = ctx.workspace.cycle_errors(state.cycle_id)
+    try:
+        state = _advance(ctx, state)
+    except Exception as exc:
+        _record_failure(ctx, state, exc)
+        raise
+    _archive(ctx, state)
+    status = "promoted" if state.accepted else ("refused" if state.candidate_id else
+                                                "pooled" if state.reason.startswith("pooled") else "already-right")
+    return CycleReport(state.cycle_id, status, len(state.files), len(state.duplicates), state.candidate_id,
+                       state.version, state.reason, resumed, len(state.holdout), moved, state.outcomes)
 
+
+def _advance(ctx: Context, state: CycleState) -> CycleState:
+    """Run the steps left, saving the state after each."""
+    from .apply import run_apply
+    from .diagnose import run_diagnose
+    from .guard import run_guard
+
+    ws = ctx.workspace
     if state.step == "staged":
-        try:
-            run_diagnose(ctx, errors_dir, {})
-        except NothingToDo as exc:  # every new image is already classified right
-            state = dataclasses.replace(state, step="judged", reason=exc.message)
-            save_state(ctx, state)
+        holdout = _holdout_set(ctx, state)
+        if not len(holdout):
+            state = dataclasses.replace(state, step="judged", reason="pooled: too few new images to set a holdout aside "
+                                        "(two of a class are needed); they join the labelled pool for later nights")
         else:
-            state = dataclasses.replace(state, step="diagnosed")
-            save_state(ctx, state)
+            try:
+                run_diagnose(ctx, ws.cycle_train(state.cycle_id), {"seed": state.seed})
+            except NothingToDo as exc:  # every new image is already classified right
+                state = dataclasses.replace(state, step="judged", reason=exc.message)
+            else:
+                state = dataclasses.replace(state, step="diagnosed")
+        save_state(ctx, state)
         fault_point("after-diagnose")
     if state.step == "diagnosed":
-        manifest = run_apply(ctx, ctx.recipe, "latest")
+        recipe = dataclasses.replace(ctx.recipe, seed=state.seed)
+        manifest = run_apply(ctx, recipe, plan_cycle(ctx, state), "latest")
         state = dataclasses.replace(state, step="applied", candidate_id=manifest.candidate_id)
         save_state(ctx, state)
         fault_point("after-apply")
     if state.step == "applied":
-        report = run_guard(ctx, state.candidate_id, None)
-        state = dataclasses.replace(state, step="judged", accepted=report.accepted, version=report.version, reason=report.reason)
+        version = store.version_of(ws, state.candidate_id)
+        if version:  # promoted before a crash: record it, never judge the candidate again
+            report = read_record(GuardReport, store.version_dir(ws, version) / "guard.json")
+        else:
+            report = run_guard(ctx, state.candidate_id, None)
+            fault_point("after-version")  # a version may be written, the state not yet saved
+        state = dataclasses.replace(state, step="judged", accepted=report.accepted, version=report.version,
+                                    reason=report.reason, outcomes=report.target_outcomes)
         save_state(ctx, state)
         fault_point("after-guard")
-    _archive(ctx, state)
-    status = "promoted" if state.accepted else ("refused" if state.candidate_id else "already-right")
-    return CycleReport(state.cycle_id, status, len(state.files), len(state.duplicates), state.candidate_id,
-                       state.version, state.reason, resumed)
+    return state
 
 
-def _stage(ctx: Context, state: CycleState) -> None:
-    """Copy the new images (by hash) into the cycle's own errors/ folder: diagnose reads that."""
-    errors = ctx.workspace.cycle_errors(state.cycle_id)
-    for f in state.files:
-        src = ctx.workspace.root / f.source
-        target = errors / f.label / (f.sha256[:16] + src.suffix.lower())
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, target)
+def plan_cycle(ctx: Context, state: CycleState) -> ShotPlan:
+    """Tonight's training images, plus earlier labelled ones per apply.retain ('replay': every
+    class seen so far; otherwise tonight's classes only), up to apply.shots per class; the
+    holdout is tonight's; the reference set (retain: distill) is the earlier images of other classes."""
+    recipe, ws = ctx.recipe, ctx.workspace
+    usable = [s.cycle_id for s in states(ctx) if s.step not in ("failed", "abandoned")]
+    pool = labelled_pool(ctx, usable)
+    tonight_dir = str(ws.cycle_train(state.cycle_id))
+    tonight = [i for i, s in enumerate(pool.samples) if s.source.startswith(tonight_dir + os.sep)]
+    tonight_classes = {pool.samples[i].label for i in tonight}
+    classes = {s.label for s in pool.samples} if recipe.apply.retain == "replay" else tonight_classes
+    rng, tonight_set = random.Random(state.seed), set(tonight)
+    chosen = list(tonight)
+    for k in sorted(classes):
+        have = sum(1 for i in tonight if pool.samples[i].label == k)
+        earlier = [i for i, s in enumerate(pool.samples) if s.label == k and i not in tonight_set]
+        chosen += rng.sample(earlier, max(0, min(len(earlier), recipe.apply.shots - have)))
+    others = [i for i, s in enumerate(pool.samples) if s.label not in tonight_classes]
+    holdout = _holdout_set(ctx, state)
+    return ShotPlan(pool.subset(sorted(chosen), "shots"), holdout_ref(holdout, f"cycle {state.cycle_id}", recipe),
+                    state.cycle_id, pool.subset(others, "reference") if others else None)
+
+
+def _holdout_set(ctx: Context, state: CycleState) -> ImageSet:
+    folder, classes = ctx.workspace.cycle_holdout(state.cycle_id), list(ctx.recipe.classes)
+    samples = []
+    for d in sorted(folder.iterdir()) if folder.is_dir() else []:
+        label = class_of_folder(d.name, classes)
+        samples += [Sample(str(f), label) for f in sorted(d.iterdir()) if label is not None and f.is_file()]
+    return ImageSet("target-holdout", str(folder), classes, samples)
+
+
+def _record_failure(ctx: Context, state: CycleState, exc: Exception) -> None:
+    """Count a failed attempt; the same failure `cycle.max_same_failure` times in a row sets the
+    cycle aside: its images go to quarantine with the error, so the next run takes new ones."""
+    message = getattr(exc, "message", "") or f"{type(exc).__name__}: {exc}"
+    failures = [*state.failures, message]
+    limit = max(1, ctx.recipe.cycle.max_same_failure)
+    if len(failures) >= limit and len(set(failures[-limit:])) == 1:
+        set_aside(ctx, dataclasses.replace(state, failures=failures), "failed",
+                  f"set aside after failing {limit} times the same way: {message}")
+    else:
+        save_state(ctx, dataclasses.replace(state, failures=failures))
+
+
+def set_aside(ctx: Context, state: CycleState, step: Step, reason: str) -> list[Quarantined]:
+    """Mark a cycle failed or abandoned; its new images still in the inbox go to quarantine with
+    `reason` (images seen before are archived as usual)."""
+    ws = ctx.workspace
+    bad = [(ws.root / f.source, f"cycle {state.cycle_id}: {reason}") for f in state.files if (ws.root / f.source).is_file()]
+    moved = quarantine(ws, bad)
+    _archive(ctx, dataclasses.replace(state, files=[]))
+    save_state(ctx, dataclasses.replace(state, step=step, reason=reason))
+    ws.log("cycle-set-aside", cycle=state.cycle_id, step=step, reason=reason, quarantined=len(moved))
+    return moved
+
+
+def abandon(ctx: Context) -> CycleReport:
+    """`vepatch cycle --abandon`: set the unfinished cycle aside by hand."""
+    with ctx.workspace.lock():
+        state = unfinished(ctx)
+        if state is None:
+            raise NothingToDo(f"{ctx.workspace.cycles}: no unfinished cycle", "nothing to abandon")
+        moved = set_aside(ctx, state, "abandoned", "abandoned by hand")
+    return CycleReport(state.cycle_id, "abandoned", len(state.files), len(state.duplicates), state.candidate_id,
+                       state.version, "abandoned by hand; its new images are in quarantine/", True, quarantined=moved)
 
 
 def _archive(ctx: Context, state: CycleState) -> None:
     """Move the cycle's inbox files to archive/<date>/<class>/ (idempotent), then mark done."""
-    root = ctx.workspace.root
-    dest = ctx.workspace.archive_day(state.cycle_id[:8])
-    seen_path = ctx.workspace.seen_path
-    recorded = seen_hashes(ctx)
+    from .inbox import file_sha256
+
+    ws = ctx.workspace
+    root = ws.root
+    dest = ws.archive_day(state.cycle_id[:8] if state.cycle_id[:1].isdigit() else clock.day())
+    recorded = seen_hashes(ws)
     for i, f in enumerate([*state.files, *state.duplicates]):
         src = root / f.source
         target = dest / f.label / src.name
@@ -218,90 +287,9 @@ def _archive(ctx: Context, state: CycleState) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, target)
         if f.sha256 not in recorded:
-            append_line(seen_path, {"sha256": f.sha256, "archived": str(target.relative_to(root)), "cycle": state.cycle_id})
+            append_line(ws.seen_path, {"sha256": f.sha256, "archived": str(target.relative_to(root)), "cycle": state.cycle_id})
             recorded.add(f.sha256)
         if i == 0:
             fault_point("mid-archive")
     if state.files:
         save_state(ctx, dataclasses.replace(state, step="done"))
-
-
-# --- stream mode: LoRSU's continual protocol ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StreamRound:
-    round: str
-    status: str
-    version: str  # HEAD after the round
-    target_accuracy: dict[str, float]  # every accepted target holdout so far -> HEAD's accuracy
-    guard_accuracy: dict[str, float]  # every guard suite -> HEAD's accuracy
-    chain_bytes: int  # total size of the patch files from base to HEAD
-
-
-def run_stream(ctx: Context, stream: Path, wait: float = 0.0,
-               on_round: Optional[Callable[[StreamRound], None]] = None) -> list[StreamRound]:
-    """`vepatch cycle --stream`: HEAD measured at the start, then one cycle per round."""
-    rounds = []
-    with ctx.workspace.lock(wait=wait):
-        rounds.append(measure_head(ctx, "start", "-"))
-        for round_dir in stream_rounds(ctx.resolve(stream)):
-            rounds.append(run_stream_round(ctx, round_dir))
-            ctx.workspace.log("stream-round", round=round_dir.name, status=rounds[-1].status, version=rounds[-1].version)
-            if on_round:
-                on_round(rounds[-1])
-    return rounds
-
-
-def stream_rounds(stream: Path) -> list[Path]:
-    """stream/<round>/{pool,errors}/<class>/*: one class group per round, in name order."""
-    rounds = sorted(d for d in stream.iterdir() if (d / "pool").is_dir() and (d / "errors").is_dir())
-    if not rounds:
-        raise UsageError(f"{stream}: no rounds", "lay out <stream>/<round>/pool/<class>/ and <stream>/<round>/errors/<class>/")
-    return rounds
-
-
-def run_stream_round(ctx: Context, round_dir: Path) -> StreamRound:
-    """Drop the round's errors in the inbox, run one cycle with the round's pool as shot pool,
-    then measure HEAD on every target holdout accepted so far and on every guard suite."""
-    from .recipe import DataSpec
-
-    inbox = inbox_dir(ctx)
-    for f in sorted((round_dir / "errors").glob("*/*")):
-        target = inbox / f.parent.name / f"{round_dir.name}-{f.name}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, target)
-    pool = DataSpec(path=str((round_dir / "pool").resolve()), name=round_dir.name)
-    round_ctx = dataclasses.replace(ctx, recipe=dataclasses.replace(ctx.recipe, shot_pool=pool), _models={})
-    try:
-        status = run_cycle(round_ctx).status
-    except NothingToDo:
-        status = "nothing-new"
-    return measure_head(round_ctx, round_dir.name, status)
-
-
-def measure_head(ctx: Context, name: str, status: str) -> StreamRound:
-    from . import store
-    from .data import open_holdout
-    from .evaluate import predict
-    from .models.heads import text_head
-
-    ws = ctx.workspace
-    version = store.head(ws)
-    loaded, _ = ctx.model(version)
-    targets = {}
-    chain = store.chain(ws, version) if version != "base" else []
-    for v in chain:
-        ref = store.read_manifest(ws, v).holdout
-        images = open_holdout(ref)
-        targets[f"{v}:{ref.name}"] = predict(
-            loaded, text_head(loaded, images.classnames, ref.templates), images, ctx.recipe.batch_size, ctx.device).accuracy
-    guards = {}
-    for spec in ctx.recipe.guard.suites:
-        if not ctx.resolve(spec.path).is_dir():
-            continue
-        images = open_guard_suite(ctx, spec)
-        guards[images.name] = predict(loaded, text_head(loaded, images.classnames, spec.templates), images,
-                                      ctx.recipe.batch_size, ctx.device).accuracy
-    size = sum(store.read_manifest(ws, v).patch_bytes for v in chain)
-    return StreamRound(name, status, version, targets, guards, size)

@@ -153,6 +153,13 @@ def _name_key(name: str) -> str:
     return folder_to_name(name).lower()
 
 
+def class_of_folder(folder: str, classnames: Sequence[str], folders: dict[str, str] | None = None) -> int | None:
+    """The class a folder holds: mapped by `folders`, or by name ('_' read as a space,
+    case-insensitive); None when it is none of `classnames`."""
+    target = _name_key((folders or {}).get(folder, folder))
+    return next((i for i, c in enumerate(classnames) if _name_key(c) == target), None)
+
+
 def open_image_set(
     root: Path,
     classnames: Sequence[str] | None = None,
@@ -193,12 +200,10 @@ def _open_folder(root: Path, classnames, folders: dict[str, str], name: str) -> 
         else:
             classnames = [folders.get(d.name, folder_to_name(d.name)) for d in subdirs]
     classnames = list(classnames)
-    index = {_name_key(c): i for i, c in enumerate(classnames)}
     root_real = root.resolve()
     samples, skipped = [], []
     for d in subdirs:
-        target = folders.get(d.name, d.name)
-        label = index.get(_name_key(target))
+        label = class_of_folder(d.name, classnames, folders)
         if label is None:
             raise DataError(
                 f"{d}: unknown class '{d.name}'",

@@ -30,17 +30,46 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def append_line(path: Path, record: dict) -> None:
-    """Append one JSON line in a single write (O_APPEND), then fsync."""
+    """Append one JSON line in a single write (O_APPEND), then fsync. A torn last line left by
+    a crash (no newline at the end) is cut off first, so the file stays one record a line."""
     line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            _cut_torn_tail(fd)
             os.write(fd, line)
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as exc:
         raise _os_error(path, exc) from None
+
+
+def read_lines(path: Path) -> list[dict]:
+    """The records of a JSON-lines file; a torn or unreadable line is passed over (the next
+    append repairs a torn last one)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _cut_torn_tail(fd: int) -> None:
+    size = os.lseek(fd, 0, os.SEEK_END)
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    start = max(0, size - (1 << 20))  # a record is far shorter than 1 MiB
+    tail = os.pread(fd, size - start, start)
+    cut = tail.rfind(b"\n")
+    os.ftruncate(fd, start + cut + 1 if cut >= 0 else start)
 
 
 def fsync_dir(path: Path) -> None:

@@ -22,7 +22,7 @@ from .models import LoadedModel
 from .models.heads import text_head
 from .models.towers import describe_tower
 from .recipe import GuardSpec
-from .records import GuardReport, PatchManifest, StrengthResult, SuiteResult
+from .records import ClassOutcome, GuardReport, PatchManifest, StrengthResult, SuiteResult
 from .runtime import distributed
 from .runtime.passes import DEFAULT_BUDGET_BYTES, Budget, Predictions, SuiteInputs
 from .runtime.predcache import PredictionCache, key
@@ -117,13 +117,28 @@ def search_strengths(
     return trials, preds, base
 
 
+def target_gain(trial: StrengthResult) -> float:
+    return sum(s.change_pp for s in trial.suites if s.role == "target")
+
+
 def choose(trials: list[StrengthResult]) -> StrengthResult | None:
     """The passing strength with the best target gain; ties go to the smaller guard drop."""
     passing = [t for t in trials if t.passed]
     if not passing:
         return None
-    target = lambda t: sum(s.change_pp for s in t.suites if s.role == "target")  # noqa: E731
-    return max(passing, key=lambda t: (round(target(t), 6), t.mean_guard_change_pp, -t.strength))
+    return max(passing, key=lambda t: (round(target_gain(t), 6), t.mean_guard_change_pp, -t.strength))
+
+
+def class_outcomes(images: ImageSet, before: Predictions, after: Predictions) -> list[ClassOutcome]:
+    """Per class: how many images the patch fixed, left wrong, broke, kept right."""
+    b, a, labels = before.correct, after.correct, before.labels
+    out = []
+    for k, name in enumerate(images.classnames):
+        m = labels == k
+        if m.any():
+            out.append(ClassOutcome(name, int(m.sum()), int((~b & a & m).sum()), int((~b & ~a & m).sum()),
+                                    int((b & ~a & m).sum()), int((b & a & m).sum())))
+    return out
 
 
 def predictions_hash(p: Predictions) -> str:
@@ -169,6 +184,7 @@ def run_guard(ctx: Context, candidate_id: Optional[str], baseline: Optional[str]
     with ws.lock() if distributed.is_writer() else contextlib.nullcontext():
         trials, preds, base = search_strengths(parent, delta, suites, spec, bs, ctx.device, base_predictions, cache)
         best = choose(trials)
+        shown = best or max(trials, key=target_gain)  # a refusal still says what the best try did
         report = GuardReport(
             candidate_id=manifest.candidate_id, baseline=baseline,
             baseline_fingerprint=ctx.model(baseline)[0].fingerprint, accepted=best is not None,
@@ -177,6 +193,7 @@ def run_guard(ctx: Context, candidate_id: Optional[str], baseline: Optional[str]
             + ("" if not notes else " [" + "; ".join(notes) + "]"),
             predictions_sha256={k: predictions_hash(v) for k, v in (preds[best.strength] if best else base).items()},
             created=clock.stamp(),
+            target_outcomes=class_outcomes(suites[0].images, base[suites[0].name], preds[shown.strength][suites[0].name]),
         )
         if not distributed.is_writer():  # under torchrun, rank 0 alone writes
             return report

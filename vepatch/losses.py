@@ -16,6 +16,13 @@ def ce_loss(features, head, scale, labels, reduction: str = "mean") -> torch.Ten
     return F.cross_entropy(zero_shot_logits(features, head, scale), labels, reduction=reduction)
 
 
+def batch_classes_ce_loss(features, head, scale, labels) -> torch.Tensor:
+    """Cross-entropy over the classes present in the batch only: classes not in the batch are
+    not pushed away (LoRSU's in-batch contrastive loss behaves this way)."""
+    present, local = torch.unique(labels, return_inverse=True)
+    return F.cross_entropy(zero_shot_logits(features, head[present], scale), local)
+
+
 def contrastive_loss(features, prompt_embeddings, scale, labels, generator=None, reduction: str = "mean") -> torch.Tensor:
     """LoRSU's symmetric in-batch CLIP loss between images and their class caption, one random
     template per image. `prompt_embeddings` is (classes, templates, dim), normalized."""

@@ -66,7 +66,13 @@ class ApplySpec:
     train_biases: bool = False  # also train fc1 and Q/K/V biases, unmasked (LoRSU's official code does)
     loss: Literal["ce", "contrastive"] = "ce"  # 'ce': cross-entropy over the frozen class-text head; 'contrastive': CLIP loss, random templates
     l2: float = 0.0  # weight of the L2 penalty on the delta
-    distill: float = 0.0  # weight of KL(parent || candidate) on reference images; 0 = off
+    # how an update keeps earlier fixes (README "Continual"): 'replay' = shots from every class
+    # labelled so far; 'batch-classes' = tonight's classes, cross-entropy over the classes
+    # present in each batch; 'distill' = tonight's classes + KL to the parent on reference
+    # images; 'none' = tonight's classes, plain cross-entropy. Outside a cycle, only the loss
+    # part (batch-classes) and distillation (with `reference:`) apply.
+    retain: Literal["replay", "batch-classes", "distill", "none"] = "replay"
+    distill: float = 1.0  # weight of KL(parent || candidate) when apply.retain is 'distill'
     distill_images: int = 256  # reference images kept in memory for distillation
     wise_alpha: float = 0.5  # full+wise: weight of the fine-tuned model in the average (WiSE-FT's default)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -89,18 +95,25 @@ class GuardSpec:
 
 
 @dataclass(frozen=True)
+class CycleSpec:
+    holdout_share: float = 0.3  # of each class's new images, set aside as tonight's target holdout (never trained on)
+    max_same_failure: int = 2  # a cycle failing this many times in a row with the same error is set aside
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelSpec = field(default_factory=ModelSpec)
     classes: list[str] = field(default_factory=list)  # target class names; errors/<folder> maps onto these
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # prompts; '{}' or '{c}' is the class
-    shot_pool: DataSpec | None = None  # labelled target images for apply's shots and holdout
-    reference: DataSpec | None = None  # images to distill the parent on (used when apply.distill > 0)
+    shot_pool: DataSpec | None = None  # labelled target images for apply's shots and holdout (cycle: optional extra pool)
+    reference: DataSpec | None = None  # images to distill the parent on (apply.retain: distill); never a guard suite
     inbox: str = "inbox"  # where operators drop misclassified images (<class>/*.jpg), for `cycle`
     seed: int = 0  # one seed for sampling, masks and training
     batch_size: int = 32  # images per forward pass in eval and guard (fastest on the CPU: README, Speed)
     diagnose: DiagnoseSpec = field(default_factory=DiagnoseSpec)
     apply: ApplySpec = field(default_factory=ApplySpec)
     guard: GuardSpec = field(default_factory=GuardSpec)
+    cycle: CycleSpec = field(default_factory=CycleSpec)
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -119,8 +132,11 @@ def load_recipe(path: Path) -> Recipe:
 
 
 def check_recipe(recipe: Recipe, where: str = "flags") -> Recipe:
-    """What types alone cannot say: the method must be a registered one (vepatch/methods/)."""
+    """Types and choices checked again after flags were applied (a flag bypasses the YAML
+    loader), and what types alone cannot say: the method must be a registered one."""
     from .methods import REGISTRY
+
+    from_plain(Recipe, to_plain(recipe), where=where)
 
     if recipe.apply.method not in REGISTRY:
         import difflib

@@ -148,6 +148,8 @@ class PatchManifest:
     metrics: ApplyStats
     created: str
     version: str = ""  # 'vN' once accepted
+    train_files: list[str] = field(default_factory=list)  # the images trained on (holdout.sources: held out)
+    cycle: str = ""  # the cycle that trained it ('' for `vepatch apply`)
     schema_version: int = SCHEMA_VERSION
 
 
@@ -174,6 +176,18 @@ class StrengthResult:
 
 
 @dataclass(frozen=True)
+class ClassOutcome:
+    """What a patch did to one class of the target holdout, image by image."""
+
+    name: str
+    n: int
+    fixed: int  # wrong before, right after
+    still_wrong: int  # wrong before and after
+    newly_wrong: int  # right before, wrong after
+    kept_right: int  # right before and after
+
+
+@dataclass(frozen=True)
 class GuardReport:
     """guard.json: the verdict on one candidate against one baseline."""
 
@@ -187,4 +201,5 @@ class GuardReport:
     predictions_sha256: dict[str, str]  # suite -> hash of the chosen model's per-example predictions
     created: str
     version: str = ""  # the version written, when accepted
+    target_outcomes: list[ClassOutcome] = field(default_factory=list)  # per class, at the chosen strength (refused: the best try)
     schema_version: int = SCHEMA_VERSION

@@ -70,6 +70,23 @@ def chain(ws: Workspace, version: str) -> list[str]:
     return out[::-1]
 
 
+def version_of(ws: Workspace, candidate_id: str) -> str:
+    """The version a candidate became ('' if none): a crash after writing a version but before
+    the caller recorded it must not lead to the candidate being judged again."""
+    for v in versions(ws):
+        if read_manifest(ws, v).candidate_id == candidate_id:
+            return v
+    return ""
+
+
+def read_verdict(ws: Workspace, version: str) -> GuardReport | None:
+    """The guard's verdict stored with a version (None if unreadable: `verify` says why)."""
+    try:
+        return read_record(GuardReport, version_dir(ws, version) / GUARD_FILE)
+    except Exception:
+        return None
+
+
 def read_manifest(ws: Workspace, version: str) -> PatchManifest:
     path = version_dir(ws, version) / MANIFEST_FILE
     if not path.is_file():

@@ -11,11 +11,12 @@ beside it) is named here and nowhere else.
   .vepatch/diagnoses/<utc>.json         a diagnosis, + <utc>.masks.safetensors
   .vepatch/candidates/<id>/             delta.safetensors + candidate.json (+ guard.json)
   .vepatch/patches/vNNNN/               patch.safetensors + patch.json + guard.json
-  .vepatch/cycles/<id>/                 state.json + errors/ (a cycle's staged images)
+  .vepatch/cycles/<id>/                 state.json + train/ and holdout/ (the cycle's new images)
   .vepatch/seen.jsonl                   content hashes of every inbox image ever taken
   .vepatch/bench/<utc>/                 bench.json, bench.md, bench.png
   .vepatch/cache/predictions/           per-example predictions kept across runs
   archive/<date>/<class>/               inbox images after their cycle (never deleted)
+  quarantine/<date>/                    bad drops, as laid out in the inbox, + reasons.jsonl
 """
 
 from __future__ import annotations
@@ -96,9 +97,14 @@ class Workspace:
     def cycle_state(self, cycle_id: str) -> Path:
         return self.cycles / cycle_id / STATE_FILE
 
-    def cycle_errors(self, cycle_id: str) -> Path:
-        """The cycle's own copy of its new images, <class>/<hash>.<ext>: what it diagnoses."""
-        return self.cycles / cycle_id / "errors"
+    def cycle_train(self, cycle_id: str) -> Path:
+        """The cycle's copy of its new images kept for training, <class>/<hash>.<ext>: what it
+        diagnoses, and part of every later cycle's labelled pool."""
+        return self.cycles / cycle_id / "train"
+
+    def cycle_holdout(self, cycle_id: str) -> Path:
+        """The cycle's copy of its new images set aside as its target holdout: never trained on."""
+        return self.cycles / cycle_id / "holdout"
 
     @property
     def seen_path(self) -> Path:
@@ -114,6 +120,10 @@ class Workspace:
 
     def archive_day(self, day: str) -> Path:
         return self.root / "archive" / day
+
+    def quarantine_day(self, day: str) -> Path:
+        """Bad drops of that day, as they were laid out in the inbox, + reasons.jsonl."""
+        return self.root / "quarantine" / day
 
     def recipe(self) -> Recipe:
         return load_recipe(self.recipe_path)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..methods import names as method_names
-from ._app import command, emit_json, out, progress_bar
+from ._app import command, emit_json, err, out, progress_bar
 from .options import DeviceOpt, JsonOpt, WorkspaceOpt
 
 
@@ -16,6 +17,8 @@ def bench(
     methods: Annotated[str, typer.Option("--methods", help=f"Comma-separated methods to compare, or 'all' ({', '.join(method_names())}).")] = "all",
     shots: Annotated[Optional[int], typer.Option("--shots", help="Training images per class.")] = None,
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds 0..N-1 (each seed: its own shots and holdout).")] = 3,
+    stream: Annotated[Optional[Path], typer.Option("--stream", help="Instead: drive each method through the rounds of STREAM/<round>/ (LoRSU's protocol).")] = None,
+    retain: Annotated[Optional[str], typer.Option("--retain", help="With --stream: comma-separated apply.retain settings to compare (default: the recipe's).")] = None,
     workspace: WorkspaceOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
@@ -33,6 +36,18 @@ def bench(
 
     chosen = method_names() if methods == "all" else [get(m.strip()).name for m in methods.split(",") if m.strip()]
     ctx = context.open_context(workspace, device=device)
+    if stream is not None:
+        from ..stream import bench_stream, stream_markdown
+
+        retains = [r.strip() for r in retain.split(",")] if retain else [ctx.recipe.apply.retain]
+        folder, runs = bench_stream(ctx, stream, chosen, retains,
+                                    lambda label, r: err.print(f"{label}: round {r.round} {r.status}, HEAD {r.version}"))
+        if as_json:
+            emit_json({"runs": runs, "folder": str(folder)})
+        else:
+            out.print(stream_markdown(runs))
+            out.print(f"written: {folder}")
+        return
     with progress_bar("bench") as advance:
         runs = run_bench(ctx, chosen, list(range(seeds)), shots or ctx.recipe.apply.shots,
                          ["--device", ctx.device], advance)

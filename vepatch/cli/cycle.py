@@ -15,7 +15,8 @@ from .options import DeviceOpt, JsonOpt, WorkspaceOpt
 def cycle(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would happen; change nothing.")] = False,
     wait: Annotated[float, typer.Option("--wait", help="Wait up to SECONDS for the workspace lock (default: exit 5 at once).")] = 0.0,
-    stream: Annotated[Optional[Path], typer.Option("--stream", help="Measure: run one cycle per round of STREAM/<round>/{pool,errors}/.")] = None,
+    stream: Annotated[Optional[Path], typer.Option("--stream", help="Measure: drop each round of STREAM/<round>/{pool,errors}/ into the inbox, one cycle per round.")] = None,
+    abandon: Annotated[bool, typer.Option("--abandon", help="Set the unfinished cycle aside: its new images go to quarantine/.")] = False,
     workspace: WorkspaceOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
@@ -28,8 +29,10 @@ def cycle(
     Example: vepatch cycle --json   (crontab: see examples/crontab)
     """
     from .. import context
-    from ..cycle import failure_report, run_logged, run_stream
-    from .render import stream_table
+    from ..cycle import abandon as abandon_cycle
+    from ..cycle import failure_report, run_logged
+    from ..stream import run_stream
+    from .render import cycle_report, stream_table
 
     ctx = context.open_context(workspace, device=device)
     if stream is not None:
@@ -44,7 +47,7 @@ def cycle(
             out.print(stream_table(rounds))
         return
     try:
-        report = run_logged(ctx, dry_run, wait)
+        report = abandon_cycle(ctx) if abandon else run_logged(ctx, dry_run, wait)
     except Exception as exc:
         if as_json:
             emit_json(failure_report(exc))
@@ -52,7 +55,7 @@ def cycle(
     if as_json:
         emit_json(report)
     else:
-        out.print(f"cycle {report.cycle_id or '-'}: {report.status} — {report.new_images} new image(s), "
-                  f"{report.duplicates} seen before; {report.version or report.candidate_id or ''} {report.reason}")
+        for item in cycle_report(report):
+            out.print(item)
     if report.exit_code:
         raise typer.Exit(report.exit_code)

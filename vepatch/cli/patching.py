@@ -58,6 +58,7 @@ def apply(
     lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for shots, masks and training.")] = None,
     loss: Annotated[Optional[str], typer.Option("--loss", help="'ce' (frozen text head) or 'contrastive'.")] = None,
+    from_dir: Annotated[Optional[Path], typer.Option("--from", help="Labelled folder (e.g. errors/) to take the shots and holdout from, instead of the shot pool.")] = None,
     workspace: WorkspaceOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
@@ -70,14 +71,14 @@ def apply(
     Example: vepatch apply --shots 16
     """
     from .. import context
-    from ..apply import run_apply
+    from ..apply import plan_from_pool, run_apply
     from ..recipe import with_overrides
 
     ctx = context.open_context(workspace, device=device)
     recipe = with_overrides(ctx.recipe, {"apply.shots": shots, "apply.method": method, "apply.epochs": epochs,
                                          "apply.lr": lr, "seed": seed, "apply.loss": loss})
     with progress_bar("training") as advance:
-        manifest = run_apply(ctx, recipe, diagnosis, advance)
+        manifest = run_apply(ctx, recipe, plan_from_pool(ctx, recipe, from_dir), diagnosis, advance)
     if as_json:
         emit_json(manifest)
         return

@@ -80,12 +80,16 @@ def guard_tables(report) -> list[Table]:
     return tables
 
 
-def log_table(manifests, head: str) -> Table:
+def log_table(manifests, verdicts, head: str) -> Table:
     t = Table(title=f"versions (HEAD: {head})")
-    for col in ("version", "parent", "method", "strength", "params", "bytes", "created"):
+    for col in ("version", "parent", "method", "strength", "holdout fixed", "newly wrong", "params", "bytes", "created"):
         t.add_column(col)
-    for m in manifests:
+    for m, v in zip(manifests, verdicts):
+        outcomes = v.target_outcomes if v else []
+        wrong_before = sum(o.fixed + o.still_wrong for o in outcomes)
         t.add_row(("* " if m.version == head else "") + m.version, m.parent, m.method, f"{m.strength:g}",
+                  f"{sum(o.fixed for o in outcomes)}/{wrong_before}" if outcomes else "-",
+                  str(sum(o.newly_wrong for o in outcomes)) if outcomes else "-",
                   f"{m.trainable_params:,}", f"{m.patch_bytes:,}", m.created)
     return t
 
@@ -108,15 +112,37 @@ def show_tables(manifest, report) -> list[Table]:
 
 
 def stream_table(rounds) -> Table:
-    targets = list(dict.fromkeys(k for r in rounds for k in r.target_accuracy))
+    names = list(dict.fromkeys(k for r in rounds for k in r.round_accuracy))
     guards = list(dict.fromkeys(k for r in rounds for k in r.guard_accuracy))
-    t = Table(title="continual rounds: HEAD after each round")
-    for col in ("round", "status", "HEAD", *targets, *guards, "chain bytes"):
+    t = Table(title="continual rounds: HEAD after each round, on every round's holdout so far")
+    for col in ("round", "status", "HEAD", *names, *guards, "chain bytes"):
         t.add_column(col)
     for r in rounds:
-        t.add_row(r.round, r.status, r.version, *[pct(r.target_accuracy[k]) if k in r.target_accuracy else "-" for k in targets],
+        t.add_row(r.round, r.status, r.version, *[pct(r.round_accuracy[k]) if k in r.round_accuracy else "-" for k in names],
                   *[pct(r.guard_accuracy.get(k, 0)) for k in guards], f"{r.chain_bytes:,}")
     return t
+
+
+def outcomes_table(outcomes, title: str) -> Table:
+    t = Table(title=title)
+    for col in ("class", "n", "fixed", "still wrong", "newly wrong", "kept right"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for o in outcomes:
+        t.add_row(o.name, str(o.n), str(o.fixed), str(o.still_wrong), str(o.newly_wrong), str(o.kept_right))
+    return t
+
+
+def cycle_report(r) -> list:
+    """What a night did, for the morning: the verdict, tonight's holdout per class, bad drops."""
+    what = r.version or r.candidate_id or ""
+    lines = [f"cycle {r.cycle_id or '-'}: {r.status}{' ' + what if what else ''} — {r.new_images} new image(s) "
+             f"({r.holdout_images} held out), {r.duplicates} seen before", f"  {r.reason}"]
+    if r.outcomes:
+        label = "the promoted version" if r.status == "promoted" else "the candidate (not promoted)"
+        lines.append(outcomes_table(r.outcomes, f"tonight's holdout: what {label} gets right"))
+    for q in r.quarantined:
+        lines.append(f"quarantined {q.source} -> {q.moved_to}: {q.reason}")
+    return lines
 
 
 def speed_report(r) -> list:

@@ -27,11 +27,12 @@ def log(
 
     ws = find_workspace(workspace)
     manifests = [store.read_manifest(ws, v) for v in store.versions(ws)]
+    verdicts = [store.read_verdict(ws, v) for v in store.versions(ws)]
     current = store.head(ws)
     if as_json:
-        emit_json({"head": current, "versions": manifests})
+        emit_json({"head": current, "versions": manifests, "verdicts": verdicts})
         return
-    out.print(log_table(manifests, current))
+    out.print(log_table(manifests, verdicts, current))
 
 
 @command

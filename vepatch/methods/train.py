@@ -12,7 +12,7 @@ import torch
 
 from ..data import ImageSet
 from ..evaluate import loader
-from ..losses import ce_loss, contrastive_loss, distill_loss
+from ..losses import batch_classes_ce_loss, ce_loss, contrastive_loss, distill_loss
 from ..records import ApplyStats
 from ..recipe import ApplySpec
 from ..runtime.passes import autocast as autocast_for
@@ -49,11 +49,13 @@ def train_step(trainable: Trainable, optimizer: torch.optim.Optimizer, images: t
         features = trainable.visual(images)
     if spec.loss == "contrastive":
         loss = contrastive_loss(features, objective.prompts, objective.scale, labels, generator)
+    elif spec.retain == "batch-classes":
+        loss = batch_classes_ce_loss(features, objective.head, objective.scale, labels)
     else:
         loss = ce_loss(features, objective.head, objective.scale, labels)
     if spec.l2:
         loss = loss + spec.l2 * trainable.l2()
-    if spec.distill and objective.reference is not None:
+    if objective.reference is not None:  # apply.retain: distill
         ref_images, ref_logits, ref_head = objective.reference
         pick = torch.randint(len(ref_images), (min(spec.batch_size, len(ref_images)),), generator=generator)
         with autocast:

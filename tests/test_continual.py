@@ -1,0 +1,237 @@
+"""The nightly cycle as a learner: it trains on what operators drop, keeps every earlier fix,
+and a bad drop never blocks it."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import tiny
+from vepatch import store
+from vepatch.recipe import ApplySpec, GuardSpec, GuardSuite
+from vepatch.workspace import Workspace
+
+FAST = ApplySpec(shots=4, epochs=2, batch_size=6, rank=2, lora_alpha=2.0, augment_scale=1.0)
+
+
+def _ws(make_workspace, bundle, tmp_path, guard_path=None, apply=FAST, **guard) -> Path:
+    """A workspace with no shot_pool at all: the inbox is its only source of labelled images."""
+    guard_set = guard_path or tiny.make_folder(tmp_path / "guardset", 4, seed=9)
+    spec = dict(min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0])
+    spec.update(guard)
+    return make_workspace(bundle, apply=apply, guard=GuardSpec(
+        suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)], **spec))
+
+
+def _drop(root: Path, seed: int, per_class: int = 4, classes=tiny.CLASSES) -> None:
+    staging = tiny.make_folder(root / ".drop" / str(seed), per_class, seed=seed, classes=classes)
+    for f in sorted(staging.glob("*/*.png")):
+        target = root / "inbox" / f.parent.name / f"s{seed}-{f.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        f.rename(target)
+
+
+def _cycle(root: Path, *args, fault: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "VEPATCH_FAULT_AT": fault} if fault else dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "vepatch", "cycle", "-C", str(root), "--json", *args],
+                          capture_output=True, text=True, env=env)
+
+
+def _manifest(root: Path, candidate_id: str):
+    return store.read_candidate(Workspace(root), candidate_id)[0]
+
+
+def test_a_cycle_trains_on_the_drops_and_never_on_a_holdout(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path)
+    ws = Workspace(root)
+    holdouts, trained = set(), []
+    for night in (1, 2):
+        _drop(root, seed=night)
+        done = _cycle(root)
+        assert done.returncode in (0, 3), done.stderr
+        report = json.loads(done.stdout)
+        assert report["new_images"] == 12 and report["holdout_images"] == 3  # 30% of 4 per class, floored
+        m = _manifest(root, report["candidate_id"])
+        tonight = ws.cycle_train(report["cycle_id"])
+        assert sorted(f for f in m.train_files if f.startswith(str(tonight))) == sorted(str(p) for p in tonight.rglob("*.png"))
+        assert len(m.holdout.sources) == 3 and all(s.startswith(str(ws.cycle_holdout(report["cycle_id"]))) for s in m.holdout.sources)
+        holdouts |= set(m.holdout.sources)
+        trained.append(set(m.train_files))
+    assert not holdouts & (trained[0] | trained[1])  # no holdout image, of this night or an earlier one, is trained on
+    # replay: the second night tops tonight's 3 images per class up to 4 shots with the first night's
+    assert len(trained[1]) == 12 and len(trained[0] & trained[1]) == 3
+
+
+def test_class_incremental_rounds_are_each_promoted_and_keep_earlier_fixes(make_workspace, fitted_bundle, tmp_path):
+    """Each night brings a kind of object the model has never seen (beside a known one); each
+    night's fix is promoted and no later night undoes it: every image lost on an earlier
+    holdout counts (alpha above 1)."""
+    root = _ws(make_workspace, fitted_bundle, tmp_path, apply=dataclasses.replace(FAST, shots=8, epochs=10),
+               min_target_gain_pp=10.0, alpha=1.01)
+    recipe = root / "vepatch.yaml"
+    recipe.write_text(recipe.read_text().replace("- blue stripes\n", "- blue stripes\n- yellow cross\n- purple dots\n"))
+    ws = Workspace(root)
+    for night, names in enumerate([["red square", "yellow cross"], ["green circle", "purple dots"]], 1):
+        _drop(root, seed=10 + night, per_class=10, classes=names)
+        done = _cycle(root)
+        assert done.returncode == 0 and json.loads(done.stdout)["status"] == "promoted", done.stdout + done.stderr
+    assert store.versions(ws) == ["v1", "v2"]
+    verdict = store.read_verdict(ws, "v2")
+    chosen = next(t for t in verdict.trials if t.strength == verdict.strength)
+    earlier = next(s for s in chosen.suites if s.name == "v1-holdout")
+    assert earlier.n == 6 and earlier.change_pp >= 0
+
+
+def test_bad_drops_are_quarantined_and_the_night_goes_on(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path)
+    _drop(root, seed=3)
+    (root / "inbox" / "zebra").mkdir()
+    tiny.draw(0, __import__("numpy").random.default_rng(0)).save(root / "inbox" / "zebra" / "z.png")
+    (root / "inbox" / "red_square" / "empty.png").write_bytes(b"")
+    (root / "inbox" / "loose.png").write_bytes((root / "inbox" / "red_square" / "s3-000.png").read_bytes() + b"x")
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"not yours")
+    (root / "inbox" / "green_circle" / "link.png").symlink_to(outside)
+    done = _cycle(root)
+    assert done.returncode in (0, 3), done.stderr
+    report = json.loads(done.stdout)
+    assert report["new_images"] == 12
+    reasons = {Path(q["source"]).name: q["reason"] for q in report["quarantined"]}
+    assert set(reasons) == {"zebra", "empty.png", "loose.png", "link.png"}
+    assert "unknown class 'zebra'" in reasons["zebra"] and "empty file" in reasons["empty.png"]
+    assert "outside" in reasons["link.png"] and "class folder" in reasons["loose.png"]
+    day = next((root / "quarantine").iterdir())
+    assert (day / "zebra" / "z.png").is_file() and (day / "red_square" / "empty.png").is_file()
+    assert outside.read_bytes() == b"not yours" and (day / "green_circle" / "link.png").is_symlink()
+    assert len([json.loads(x) for x in (day / "reasons.jsonl").read_text().splitlines()]) == 4
+    assert not [p for p in (root / "inbox").rglob("*") if p.is_file()]
+    # the next night runs normally
+    assert _cycle(root).returncode == 4
+    _drop(root, seed=4)
+    assert _cycle(root).returncode in (0, 3)
+
+
+def test_a_drop_with_only_bad_files_exits_4(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path)
+    (root / "inbox" / "red_square").mkdir(parents=True)
+    (root / "inbox" / "red_square" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    done = _cycle(root)
+    assert done.returncode == 4 and "quarantine" in json.loads(done.stdout)["reason"]
+    assert next((root / "quarantine").iterdir()).joinpath("red_square", "broken.jpg").is_file()
+
+
+def test_a_cycle_failing_the_same_way_twice_is_set_aside(make_workspace, vit_bundle, tmp_path):
+    guard_path = tmp_path / "guard-not-yet"
+    root = _ws(make_workspace, vit_bundle, tmp_path, guard_path=guard_path)
+    _drop(root, seed=5)
+    first, second = _cycle(root), _cycle(root)
+    assert first.returncode == 1 and second.returncode == 1, first.stderr + second.stderr
+    assert "guard-not-yet: not a folder" in json.loads(first.stdout)["reason"]
+    quarantined = [p for p in (root / "quarantine").rglob("*.png")]
+    assert len(quarantined) == 12 and not [p for p in (root / "inbox").rglob("*.png")]
+    reasons = next((root / "quarantine").iterdir()).joinpath("reasons.jsonl").read_text()
+    assert "failing 2 times the same way" in reasons
+    tiny.make_folder(guard_path, 4, seed=9)  # the operator fixes the recipe's guard suite
+    _drop(root, seed=6)
+    third = _cycle(root)
+    assert third.returncode in (0, 3), third.stderr
+    report = json.loads(third.stdout)
+    assert not report["resumed"] and report["new_images"] == 12
+
+
+def test_abandon_sets_the_unfinished_cycle_aside(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path)
+    _drop(root, seed=7)
+    assert _cycle(root, fault="after-stage").returncode == -9
+    abandoned = _cycle(root, "--abandon")
+    assert abandoned.returncode == 0 and json.loads(abandoned.stdout)["status"] == "abandoned", abandoned.stderr
+    assert len(list((root / "quarantine").rglob("*.png"))) == 12
+    assert _cycle(root).returncode == 4
+    assert _cycle(root, "--abandon").returncode == 4  # nothing left to abandon
+
+
+def test_torn_last_lines_are_tolerated_and_repaired(make_workspace, vit_bundle, tmp_path):
+    from vepatch.fsio import append_line, read_lines
+
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2')  # a crash mid-write
+    assert read_lines(path) == [{"a": 1}]
+    append_line(path, {"a": 3})
+    assert read_lines(path) == [{"a": 1}, {"a": 3}] and path.read_text() == '{"a": 1}\n{"a": 3}\n'
+
+    root = _ws(make_workspace, vit_bundle, tmp_path)
+    store_dir = root / ".vepatch"
+    (store_dir / "seen.jsonl").write_text('{"sha256": "ab')
+    with open(store_dir / "log.jsonl", "a") as f:
+        f.write('{"event": "tor')
+    _drop(root, seed=8)
+    assert _cycle(root).returncode in (0, 3)
+    for name in ("seen.jsonl", "log.jsonl"):
+        lines = (store_dir / name).read_text().splitlines()
+        assert lines and all(json.loads(x) for x in lines)
+
+
+def test_a_crash_after_the_version_is_written_does_not_judge_it_again(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path)
+    _drop(root, seed=9)
+    killed = _cycle(root, fault="after-version")
+    assert killed.returncode == -9
+    ws = Workspace(root)
+    assert store.versions(ws) == ["v1"]
+    resumed = _cycle(root)
+    report = json.loads(resumed.stdout)
+    assert resumed.returncode == 0 and report["resumed"] and report["version"] == "v1", resumed.stderr
+    assert store.versions(ws) == ["v1"] and store.head(ws) == "v1"
+    guards = [json.loads(x) for x in (root / ".vepatch" / "log.jsonl").read_text().splitlines()]
+    assert sum(1 for g in guards if g["event"] == "guard") == 1
+
+
+def test_the_night_says_what_it_fixed_per_class(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path)
+    _drop(root, seed=12, per_class=6)
+    report = json.loads(_cycle(root).stdout)
+    outcomes = report["outcomes"]
+    assert [o["name"] for o in outcomes] == list(tiny.CLASSES)
+    assert sum(o["n"] for o in outcomes) == report["holdout_images"] == 3 * 1
+    for o in outcomes:
+        assert o["fixed"] + o["still_wrong"] + o["newly_wrong"] + o["kept_right"] == o["n"]
+    if report["status"] == "promoted":
+        log = subprocess.run([sys.executable, "-m", "vepatch", "log", "-C", str(root), "--json"], capture_output=True, text=True)
+        assert json.loads(log.stdout)["verdicts"][0]["target_outcomes"] == outcomes
+
+
+def test_retain_decides_which_earlier_images_a_night_trains_on(make_workspace, vit_bundle, tmp_path):
+    from vepatch.context import open_context
+    from vepatch.cycle import plan_cycle, unfinished
+    from vepatch.recipe import with_overrides
+
+    root = _ws(make_workspace, vit_bundle, tmp_path)
+    _drop(root, seed=21, classes=["red square"])
+    assert _cycle(root).returncode in (0, 3)
+    _drop(root, seed=22, classes=["green circle"])
+    assert _cycle(root, fault="after-stage").returncode == -9
+    ctx = open_context(root)
+    state = unfinished(ctx)
+    for retain, expected in (("replay", {"red_square", "green_circle"}), ("none", {"green_circle"}),
+                             ("batch-classes", {"green_circle"}), ("distill", {"green_circle"})):
+        plan = plan_cycle(dataclasses.replace(ctx, recipe=with_overrides(ctx.recipe, {"apply.retain": retain})), state)
+        assert {Path(s.source).parent.name for s in plan.shots.samples} == expected, retain
+        assert {Path(s.source).parent.name for s in plan.reference.samples} == {"red_square"}  # distill's reference set
+
+
+def test_batch_classes_loss_ignores_the_classes_absent_from_the_batch():
+    import torch
+
+    from vepatch.losses import batch_classes_ce_loss, ce_loss
+
+    torch.manual_seed(0)
+    features, head = torch.randn(3, 8), torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    labels, scale = torch.tensor([0, 0, 2]), torch.tensor(10.0)
+    loss = batch_classes_ce_loss(features, head, scale, labels)
+    assert torch.allclose(loss, ce_loss(features, head[[0, 2]], scale, torch.tensor([0, 0, 1])))
+    moved = head.clone()
+    moved[1] = -moved[1]  # class 1 is not in the batch: it cannot matter
+    assert torch.equal(loss, batch_classes_ce_loss(features, moved, scale, labels))
+    assert not torch.equal(ce_loss(features, head, scale, labels), ce_loss(features, moved, scale, labels))
