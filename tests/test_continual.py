@@ -235,3 +235,18 @@ def test_batch_classes_loss_ignores_the_classes_absent_from_the_batch():
     moved[1] = -moved[1]  # class 1 is not in the batch: it cannot matter
     assert torch.equal(loss, batch_classes_ce_loss(features, moved, scale, labels))
     assert not torch.equal(ce_loss(features, head, scale, labels), ce_loss(features, moved, scale, labels))
+
+
+def test_apply_from_a_labelled_folder_trains_on_it_and_holds_the_rest_out(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path)  # no shot_pool
+    errors = tiny.make_folder(tmp_path / "errors", 6, seed=30)
+    run = subprocess.run([sys.executable, "-m", "vepatch", "apply", "-C", str(root), "--from", str(errors), "--shots", "4",
+                          "--json"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    m = json.loads(run.stdout)
+    files = {str(p) for p in errors.rglob("*.png")}
+    assert len(m["train_files"]) == 12 and len(m["holdout"]["sources"]) == 6
+    assert set(m["train_files"]) | set(m["holdout"]["sources"]) == files
+    assert not set(m["train_files"]) & set(m["holdout"]["sources"])
+    no_pool = subprocess.run([sys.executable, "-m", "vepatch", "apply", "-C", str(root)], capture_output=True, text=True)
+    assert no_pool.returncode == 2 and "--from DIR" in no_pool.stderr

@@ -40,7 +40,7 @@ def bench(
         from ..stream import bench_stream, stream_markdown
 
         retains = [r.strip() for r in retain.split(",")] if retain else [ctx.recipe.apply.retain]
-        folder, runs = bench_stream(ctx, stream, chosen, retains,
+        folder, runs = bench_stream(ctx, stream.resolve(), chosen, retains,
                                     lambda label, r: err.print(f"{label}: round {r.round} {r.status}, HEAD {r.version}"))
         if as_json:
             emit_json({"runs": runs, "folder": str(folder)})

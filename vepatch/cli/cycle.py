@@ -40,7 +40,7 @@ def cycle(
             if not as_json:
                 err.print(f"round {r.round}: {r.status}, HEAD {r.version}")
 
-        rounds = run_stream(ctx, stream, wait, say)
+        rounds = run_stream(ctx, stream.resolve(), wait, say)
         if as_json:
             emit_json({"rounds": rounds})
         else:
