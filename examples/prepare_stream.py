@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from prepare_guards import FASHION, FASHION_CLASSES, read_idx
+from vepatch.suites import FASHION, FASHION_CLASSES, read_idx
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model, end to end (what `make demo` runs):
-# a workspace on recipes/textile.yaml, guard suites from the registries, errors/ from the
+# a workspace on recipes/textile.yaml (built-in guard suites), errors/ from the
 # textile package, then diagnose -> apply -> guard, and the before/after table.
 #   bash examples/textile_demo.sh [WORKSPACE]   (default: demo-ws)
 set -euo pipefail
@@ -10,8 +10,8 @@ shared="$here/../shared/data/imagenette-guard"
 
 rm -rf "$ws"
 vepatch init "$ws" --recipe "$here/recipes/textile.yaml"
-python "$here/examples/prepare_guards.py" "$ws" --per-class 20 ${VEPATCH_DEMO_IMAGENETTE:+--imagenette "$VEPATCH_DEMO_IMAGENETTE"} \
-  $( [ -z "${VEPATCH_DEMO_IMAGENETTE:-}" ] && [ -d "$shared" ] && echo --imagenette "$shared" )
+imagenette=${VEPATCH_DEMO_IMAGENETTE:-$shared}   # an optional guard suite; digits and Fashion-MNIST are built in
+[ -d "$imagenette" ] && mkdir -p "$ws/guards" && cp -r "$imagenette" "$ws/guards/imagenette"
 python "$here/examples/prepare_textile_errors.py" "$ws/errors" --per-class 34
 cd "$ws"
 

@@ -11,7 +11,7 @@ shared="$here/../shared/data/imagenette-guard"
 
 rm -rf "$ws" "$ws.drops"
 vepatch init "$ws" --recipe "$here/recipes/textile-nightly.yaml"
-python "$here/examples/prepare_guards.py" "$ws" --per-class 20 $( [ -d "$shared" ] && echo --imagenette "$shared" )
+[ -d "$shared" ] && mkdir -p "$ws/guards" && cp -r "$shared" "$ws/guards/imagenette"   # optional; digits are built in
 python "$here/examples/prepare_textile_nights.py" "$ws.drops" --nights 3 --per-class 10 --check 60
 echo "== night 0: the base on the check set"
 vepatch eval "$ws.drops/check" -C "$ws" --version base

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .data import ImageSet, open_image_set
-from .errors import UsageError
+from .errors import DataError, UsageError
 from .runtime import distributed
 from .models import LoadedModel, load_model, resolve_device
 from .recipe import DEFAULT_TEMPLATES, GuardSuite, Recipe, with_overrides
@@ -67,6 +67,15 @@ class Context:
         return str(self.workspace.resolve(spec.pretrained)) if spec.pretrained and self.workspace else spec.pretrained
 
     def resolve(self, path: str | Path) -> Path:
+        """A recipe path: relative to the workspace, `pkg:` inside a package, `builtin:` a suite
+        written into the workspace on first use."""
+        if str(path).startswith("builtin:"):
+            from .suites import materialize
+
+            if self.workspace is None:
+                raise UsageError(f"{path}: built-in suites live in a workspace", "run inside a workspace or pass -C DIR")
+            name = str(path).removeprefix("builtin:")
+            return materialize(name, self.workspace.builtin_suite(name))
         return self.workspace.resolve(str(path)) if self.workspace else Path(path)
 
 
@@ -95,6 +104,13 @@ def open_target_set(ctx: Context, path: Path, name: str = "") -> ImageSet:
 def open_guard_suite(ctx: Context, spec: GuardSuite) -> ImageSet:
     """A guard suite of the recipe, with its own classes (or its folder names)."""
     path = ctx.resolve(spec.path)
+    if not path.exists():
+        name = spec.name or path.name
+        fix = ("apt-get install dataset-fashion-mnist (Debian), or mark the suite `optional: true`"
+               if spec.path == "builtin:fashion-mnist" else
+               f"put a labelled folder there (e.g. python examples/prepare_guards.py {ctx.workspace.root if ctx.workspace else 'WS'}), "
+               "use a built-in suite (path: builtin:digits), or mark it `optional: true`")
+        raise DataError(f"guard suite '{name}': {path} is not there", fix)
     return open_image_set(path, spec.classes or None, spec.folders, spec.name or path.name, spec.max_per_class, ctx.recipe.seed)
 
 

@@ -183,6 +183,9 @@ def run_guard(ctx: Context, candidate_id: Optional[str], baseline: Optional[str]
         base_predictions = predict_all(base_model, suites, bs, ctx.device, cache)
     with ws.lock() if distributed.is_writer() else contextlib.nullcontext():
         trials, preds, base = search_strengths(parent, delta, suites, spec, bs, ctx.device, base_predictions, cache)
+        notes += [f"{s.name}: the baseline is at chance there ({100 * base[s.name].accuracy:.1f}%, "
+                  f"{len(s.images.classnames)} classes), so it guards nothing" for s in suites
+                  if s.role == "guard" and base[s.name].accuracy <= 1.5 / max(1, len(s.images.classnames))]
         best = choose(trials)
         shown = best or max(trials, key=target_gain)  # a refusal still says what the best try did
         report = GuardReport(

@@ -14,6 +14,7 @@ beside it) is named here and nowhere else.
   .vepatch/cycles/<id>/                 state.json + train/ and holdout/ (the cycle's new images)
   .vepatch/seen.jsonl                   content hashes of every inbox image ever taken
   .vepatch/bench/<utc>/                 bench.json, bench.md, bench.png
+  .vepatch/suites/<name>/               built-in guard suites (`builtin:digits`), written on first use
   .vepatch/cache/predictions/           per-example predictions kept across runs
   archive/<date>/<class>/               inbox images after their cycle (never deleted)
   quarantine/<date>/                    bad drops, as laid out in the inbox, + reasons.jsonl
@@ -113,6 +114,10 @@ class Workspace:
     @property
     def bench(self) -> Path:
         return self.store / "bench"
+
+    def builtin_suite(self, name: str) -> Path:
+        """A `builtin:NAME` guard suite, written here on first use (suites.py)."""
+        return self.store / "suites" / name
 
     @property
     def prediction_cache(self) -> Path:

@@ -1,0 +1,51 @@
+"""Guard suites a recipe can name without data of its own, and what a missing suite says."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import tiny
+from vepatch.cli import app
+from vepatch.context import open_context, open_guard_suite
+from vepatch.errors import DataError
+from vepatch.recipe import ApplySpec, DataSpec, GuardSpec, GuardSuite
+
+runner = CliRunner()
+
+
+def test_builtin_digits_is_written_once_into_the_workspace(make_workspace, vit_bundle):
+    root = make_workspace(vit_bundle, guard=GuardSpec(suites=[GuardSuite(path="builtin:digits", name="digits")]))
+    ctx = open_context(root)
+    images = open_guard_suite(ctx, ctx.recipe.guard.suites[0])
+    assert len(images) == 200 and images.classnames == [str(i) for i in range(10)]
+    folder = root / ".vepatch" / "suites" / "digits"
+    stamp = sorted(p.stat().st_mtime_ns for p in folder.rglob("*.png"))
+    assert len(open_guard_suite(ctx, ctx.recipe.guard.suites[0])) == 200
+    assert sorted(p.stat().st_mtime_ns for p in folder.rglob("*.png")) == stamp  # not written again
+    with pytest.raises(DataError, match="no such built-in suite"):
+        ctx.resolve("builtin:nope")
+
+
+def test_a_missing_suite_says_how_to_get_it(make_workspace, vit_bundle, tmp_path):
+    root = make_workspace(vit_bundle, guard=GuardSpec(suites=[GuardSuite(path="guards/digits", name="digits")]))
+    ctx = open_context(root)
+    with pytest.raises(DataError) as info:
+        open_guard_suite(ctx, ctx.recipe.guard.suites[0])
+    assert "guard suite 'digits'" in info.value.message and "builtin:digits" in info.value.hint
+    assert "optional: true" in info.value.hint
+
+
+def test_guard_warns_about_a_suite_the_baseline_is_at_chance_on(make_workspace, vit_bundle, tmp_path):
+    pool = tiny.make_folder(tmp_path / "pool", 6, seed=5)
+    root = make_workspace(
+        vit_bundle, shot_pool=DataSpec(path=str(pool), name="pool"),
+        apply=ApplySpec(shots=3, epochs=1, batch_size=6, rank=2, lora_alpha=2.0, augment_scale=1.0),
+        guard=GuardSpec(suites=[GuardSuite(path="builtin:digits", name="digits", max_drop_pp=100.0)],
+                        min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]))
+    assert runner.invoke(app, ["apply", "-C", str(root), "--diagnosis", "none"]).exit_code == 0
+    result = runner.invoke(app, ["guard", "-C", str(root), "--json"])
+    report = json.loads(result.stdout)
+    digits = report["trials"][0]["suites"][1]
+    assert digits["name"] == "digits" and digits["before"] <= 0.15  # the random tiny model knows no digits
+    assert "digits: the baseline is at chance there" in report["reason"]
