@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 import tiny
-from vepatch.data import open_image_set, read_image, split_shots
+from vepatch.data import open_image_set, split_shots
+from vepatch.images import read_image
 from vepatch.errors import DataError
 
 

@@ -25,7 +25,8 @@ from typing import Optional
 
 from . import clock
 from .context import Context
-from .data import IMAGE_SUFFIXES, BadImage, ImageSet, Sample, class_of_folder, open_image_set, read_image
+from .data import ImageSet, Sample, class_of_folder, open_image_set
+from .images import IMAGE_SUFFIXES, BadImage, read_image
 from .errors import UsageError
 from .fsio import append_line, read_lines
 from .workspace import Workspace

@@ -127,7 +127,6 @@ def bench_stream(ctx: Context, stream: Path, methods: list[str], retains: list[s
                  on_round: Optional[Callable[[str, StreamRound], None]] = None) -> tuple[Path, list[StreamRun]]:
     """Every method x retention setting over the stream, each in a workspace of its own under
     .vepatch/bench/<utc>/<label>/ (same recipe, paths made absolute); results written beside."""
-    import dataclasses
     import time
 
     from . import clock
