@@ -250,3 +250,15 @@ def test_apply_from_a_labelled_folder_trains_on_it_and_holds_the_rest_out(make_w
     assert not set(m["train_files"]) & set(m["holdout"]["sources"])
     no_pool = subprocess.run([sys.executable, "-m", "vepatch", "apply", "-C", str(root)], capture_output=True, text=True)
     assert no_pool.returncode == 2 and "--from DIR" in no_pool.stderr
+
+
+def test_too_few_new_images_wait_in_the_pool_for_the_next_night(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path)
+    _drop(root, seed=40, per_class=1)  # one image a class: none can be held out
+    first = _cycle(root)
+    assert first.returncode == 4 and json.loads(first.stdout)["status"] == "pooled", first.stderr
+    pooled = {str(p) for p in (root / ".vepatch" / "cycles").rglob("train/*/*.png")}
+    assert len(pooled) == 3 and not [p for p in (root / "inbox").rglob("*.png")]
+    _drop(root, seed=41)
+    second = json.loads(_cycle(root).stdout)
+    assert pooled <= set(_manifest(root, second["candidate_id"]).train_files)

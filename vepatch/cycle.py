@@ -28,7 +28,7 @@ from .data import ImageSet, Sample, class_of_folder
 from .errors import NothingToDo
 from .fsio import append_line, write_text_atomic
 from .inbox import InboxFile, Quarantined, inbox_dir, labelled_pool, quarantine, scan_inbox, seen_hashes, split_holdout, stage
-from .records import ClassOutcome, GuardReport, read_record
+from .records import ClassOutcome
 
 Step = Literal["staged", "diagnosed", "applied", "judged", "done", "failed", "abandoned"]
 FINISHED = ("done", "failed", "abandoned")
@@ -155,8 +155,8 @@ def run_cycle(ctx: Context, dry_run: bool = False) -> CycleReport:
         _record_failure(ctx, state, exc)
         raise
     _archive(ctx, state)
-    status = "promoted" if state.accepted else ("refused" if state.candidate_id else
-                                                "pooled" if state.reason.startswith("pooled") else "already-right")
+    status = ("promoted" if state.accepted else "refused" if state.candidate_id else
+              "already-right" if state.holdout else "pooled")  # pooled: no image could be held out
     return CycleReport(state.cycle_id, status, len(state.files), len(state.duplicates), state.candidate_id,
                        state.version, state.reason, resumed, len(state.holdout), moved, state.outcomes)
 
@@ -169,9 +169,9 @@ def _advance(ctx: Context, state: CycleState) -> CycleState:
 
     ws = ctx.workspace
     if state.step == "staged":
-        holdout = _holdout_set(ctx, state)
+        holdout = holdout_set(ctx, state)
         if not len(holdout):
-            state = dataclasses.replace(state, step="judged", reason="pooled: too few new images to set a holdout aside "
+            state = dataclasses.replace(state, step="judged", reason="too few new images to set a holdout aside "
                                         "(two of a class are needed); they join the labelled pool for later nights")
         else:
             try:
@@ -191,7 +191,9 @@ def _advance(ctx: Context, state: CycleState) -> CycleState:
     if state.step == "applied":
         version = store.version_of(ws, state.candidate_id)
         if version:  # promoted before a crash: record it, never judge the candidate again
-            report = read_record(GuardReport, store.version_dir(ws, version) / "guard.json")
+            report = store.read_verdict(ws, version)
+            if report is None:
+                raise store.StoreError(f"{store.version_dir(ws, version)}: unreadable guard.json", "run `vepatch verify`")
         else:
             report = run_guard(ctx, state.candidate_id, None)
             fault_point("after-version")  # a version may be written, the state not yet saved
@@ -220,12 +222,13 @@ def plan_cycle(ctx: Context, state: CycleState) -> ShotPlan:
         earlier = [i for i, s in enumerate(pool.samples) if s.label == k and i not in tonight_set]
         chosen += rng.sample(earlier, max(0, min(len(earlier), recipe.apply.shots - have)))
     others = [i for i, s in enumerate(pool.samples) if s.label not in tonight_classes]
-    holdout = _holdout_set(ctx, state)
+    holdout = holdout_set(ctx, state)
     return ShotPlan(pool.subset(sorted(chosen), "shots"), holdout_ref(holdout, f"cycle {state.cycle_id}", recipe),
                     state.cycle_id, pool.subset(others, "reference") if others else None)
 
 
-def _holdout_set(ctx: Context, state: CycleState) -> ImageSet:
+def holdout_set(ctx: Context, state: CycleState) -> ImageSet:
+    """The cycle's target holdout, from its own copy of the images."""
     folder, classes = ctx.workspace.cycle_holdout(state.cycle_id), list(ctx.recipe.classes)
     samples = []
     for d in sorted(folder.iterdir()) if folder.is_dir() else []:

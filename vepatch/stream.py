@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .context import Context, open_guard_suite
-from .cycle import _holdout_set, run_cycle, states
+from .cycle import holdout_set, run_cycle, states
 from .errors import NothingToDo, UsageError
 from .inbox import inbox_dir
 
@@ -83,7 +83,7 @@ def measure_head(ctx: Context, name: str, status: str, cycle_id: str, cycles: di
     by_id = {s.cycle_id: s for s in states(ctx)}
     rounds = {}
     for r, cid in cycles.items():
-        images = _holdout_set(ctx, by_id[cid])
+        images = holdout_set(ctx, by_id[cid])
         if len(images):
             rounds[r] = predict(loaded, text_head(loaded, images.classnames, ctx.recipe.templates), images, bs, device).accuracy
     targets = {}
