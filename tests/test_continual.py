@@ -262,3 +262,21 @@ def test_too_few_new_images_wait_in_the_pool_for_the_next_night(make_workspace, 
     _drop(root, seed=41)
     second = json.loads(_cycle(root).stdout)
     assert pooled <= set(_manifest(root, second["candidate_id"]).train_files)
+
+
+def test_a_holdout_image_is_not_trained_on_through_the_shot_pool_either(make_workspace, vit_bundle, tmp_path):
+    import shutil
+
+    from vepatch.inbox import file_sha256
+    from vepatch.recipe import DataSpec
+
+    pool = tiny.make_folder(tmp_path / "pool", 4, seed=50)
+    guard_set = tiny.make_folder(tmp_path / "guardset", 4, seed=9)
+    root = make_workspace(vit_bundle, shot_pool=DataSpec(path=str(pool), name="pool"), apply=FAST, guard=GuardSpec(
+        suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+        min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]))
+    shutil.copytree(pool, root / "inbox")  # operators drop images the shot pool also holds
+    report = json.loads(_cycle(root).stdout)
+    m = _manifest(root, report["candidate_id"])
+    held = {file_sha256(Path(s)) for s in m.holdout.sources}
+    assert len(held) == 3 and not held & {file_sha256(Path(s)) for s in m.train_files}

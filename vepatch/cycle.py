@@ -209,8 +209,9 @@ def plan_cycle(ctx: Context, state: CycleState) -> ShotPlan:
     class seen so far; otherwise tonight's classes only), up to apply.shots per class; the
     holdout is tonight's; the reference set (retain: distill) is the earlier images of other classes."""
     recipe, ws = ctx.recipe, ctx.workspace
-    usable = [s.cycle_id for s in states(ctx) if s.step not in ("failed", "abandoned")]
-    pool = labelled_pool(ctx, usable)
+    every = states(ctx)
+    usable = [s.cycle_id for s in every if s.step not in ("failed", "abandoned")]
+    pool = labelled_pool(ctx, usable, {h for s in every for h in s.holdout})
     tonight_dir = str(ws.cycle_train(state.cycle_id))
     tonight = [i for i, s in enumerate(pool.samples) if s.source.startswith(tonight_dir + os.sep)]
     tonight_classes = {pool.samples[i].label for i in tonight}
