@@ -272,7 +272,8 @@ def test_a_holdout_image_is_not_trained_on_through_the_shot_pool_either(make_wor
 
     pool = tiny.make_folder(tmp_path / "pool", 4, seed=50)
     guard_set = tiny.make_folder(tmp_path / "guardset", 4, seed=9)
-    root = make_workspace(vit_bundle, shot_pool=DataSpec(path=str(pool), name="pool"), apply=FAST, guard=GuardSpec(
+    root = make_workspace(vit_bundle, shot_pool=DataSpec(path=str(pool), name="pool"),  # 8 shots: the whole pool is wanted
+                          apply=dataclasses.replace(FAST, shots=8), guard=GuardSpec(
         suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
         min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]))
     shutil.copytree(pool, root / "inbox")  # operators drop images the shot pool also holds
