@@ -281,3 +281,24 @@ def test_a_holdout_image_is_not_trained_on_through_the_shot_pool_either(make_wor
     m = _manifest(root, report["candidate_id"])
     held = {file_sha256(Path(s)) for s in m.holdout.sources}
     assert len(held) == 3 and not held & {file_sha256(Path(s)) for s in m.train_files}
+
+
+def test_an_accepted_versions_holdout_is_never_trained_on_by_a_cycle(make_workspace, vit_bundle, tmp_path):
+    import shutil
+
+    from vepatch.inbox import file_sha256
+    from vepatch.recipe import DataSpec
+
+    pool = tiny.make_folder(tmp_path / "pool", 6, seed=60)
+    guard_set = tiny.make_folder(tmp_path / "guardset", 4, seed=9)
+    root = make_workspace(vit_bundle, shot_pool=DataSpec(path=str(pool), name="pool"),
+                          apply=dataclasses.replace(FAST, shots=3), guard=GuardSpec(
+        suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+        min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]))
+    for args in (["apply", "--diagnosis", "none"], ["guard"]):
+        assert subprocess.run([sys.executable, "-m", "vepatch", *args, "-C", str(root)], capture_output=True).returncode == 0
+    v1_holdout = {file_sha256(Path(s)) for s in store.read_manifest(Workspace(root), "v1").holdout.sources}
+    shutil.copytree(pool, root / "inbox")  # the same images come back as drops, v1's holdout among them
+    report = json.loads(_cycle(root).stdout)
+    trained = {file_sha256(Path(s)) for s in _manifest(root, report["candidate_id"]).train_files}
+    assert len(v1_holdout) == 9 and not v1_holdout & trained

@@ -18,6 +18,7 @@ import os
 import random
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 from . import clock, store
@@ -211,7 +212,7 @@ def plan_cycle(ctx: Context, state: CycleState) -> ShotPlan:
     recipe, ws = ctx.recipe, ctx.workspace
     every = states(ctx)
     usable = [s.cycle_id for s in every if s.step not in ("failed", "abandoned")]
-    pool = labelled_pool(ctx, usable, {h for s in every for h in s.holdout})
+    pool = labelled_pool(ctx, usable, {h for s in every for h in s.holdout} | version_holdouts(ctx))
     tonight_dir = str(ws.cycle_train(state.cycle_id))
     tonight = [i for i, s in enumerate(pool.samples) if s.source.startswith(tonight_dir + os.sep)]
     tonight_classes = {pool.samples[i].label for i in tonight}
@@ -226,6 +227,15 @@ def plan_cycle(ctx: Context, state: CycleState) -> ShotPlan:
     holdout = holdout_set(ctx, state)
     return ShotPlan(pool.subset(sorted(chosen), "shots"), holdout_ref(holdout, f"cycle {state.cycle_id}", recipe),
                     state.cycle_id, pool.subset(others, "reference") if others else None)
+
+
+def version_holdouts(ctx: Context) -> set[str]:
+    """Content hashes of every accepted version's target holdout (files that still exist): they
+    guard later patches, so no cycle may train on them."""
+    from .inbox import file_sha256
+
+    paths = {Path(s) for v in store.versions(ctx.workspace) for s in store.read_manifest(ctx.workspace, v).holdout.sources}
+    return {file_sha256(p) for p in paths if p.is_file()}
 
 
 def holdout_set(ctx: Context, state: CycleState) -> ImageSet:

@@ -159,9 +159,9 @@ def stage(ws: Workspace, cycle_id: str, root: Path, train: list[InboxFile], hold
 
 
 def labelled_pool(ctx: Context, usable_cycles: list[str], held_out: set[str]) -> Optional[ImageSet]:
-    """Every training image of `usable_cycles` plus the recipe's shot pool (less any image whose
-    content is in `held_out`, the hashes of every cycle's holdout), as one set with the
-    recipe's classes; None when there is none."""
+    """Every training image of `usable_cycles` plus the recipe's shot pool, less any image whose
+    content is in `held_out` (every holdout that guards: a cycle's, an accepted version's), as
+    one set with the recipe's classes; None when there is none."""
     recipe, ws = ctx.recipe, ctx.workspace
     classes = list(recipe.classes)
     samples = []
@@ -176,5 +176,6 @@ def labelled_pool(ctx: Context, usable_cycles: list[str], held_out: set[str]) ->
         if pool.dataset is not None:
             raise UsageError(f"{ctx.workspace.recipe_path}: a cycle cannot mix a saved `datasets` shot_pool with drops",
                              "save the shot pool as an image folder (<class>/*.png), or remove shot_pool")
-        samples += [x for x in pool.samples if file_sha256(Path(x.source)) not in held_out]
+        samples += pool.samples
+    samples = [x for x in samples if file_sha256(Path(x.source)) not in held_out]
     return ImageSet("labelled", str(ws.cycles), classes, samples) if samples else None
