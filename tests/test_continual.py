@@ -302,3 +302,17 @@ def test_an_accepted_versions_holdout_is_never_trained_on_by_a_cycle(make_worksp
     report = json.loads(_cycle(root).stdout)
     trained = {file_sha256(Path(s)) for s in _manifest(root, report["candidate_id"]).train_files}
     assert len(v1_holdout) == 9 and not v1_holdout & trained
+
+
+def test_the_cycle_report_keeps_bracketed_notes(make_workspace, vit_bundle, tmp_path):
+    """Rich would read '[...]' as markup and drop it: the guard's notes are in brackets."""
+    from typer.testing import CliRunner
+
+    from vepatch.cli import app
+
+    root = _ws(make_workspace, vit_bundle, tmp_path)
+    text = (root / "vepatch.yaml").read_text()
+    (root / "vepatch.yaml").write_text(text.replace("  suites:\n", "  suites:\n  - path: nowhere\n    name: gone\n    optional: true\n"))
+    _drop(root, seed=70)
+    result = CliRunner().invoke(app, ["cycle", "-C", str(root)], env={"COLUMNS": "200"})
+    assert result.exit_code in (0, 3) and "[gone: not there, skipped (optional);" in result.output, result.output

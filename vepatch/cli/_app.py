@@ -63,9 +63,11 @@ def command(fn=None, *, name: str | None = None, sharded: bool = False):
 def _print_error(message: str, hint: str) -> None:
     if os.environ.get("VEPATCH_DEBUG") == "1":
         traceback.print_exc()
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # paths and reasons may hold [brackets]
     if hint:
-        err.print(f"  [dim]fix:[/] {hint}", soft_wrap=True)
+        err.print(f"  [dim]fix:[/] {escape(hint)}", soft_wrap=True)
 
 
 def emit_json(obj: Any) -> None:

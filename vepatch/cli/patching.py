@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from rich.markup import escape
+
 from ..methods import names as method_names
 from ._app import command, emit_json, out, progress_bar
 from .options import DeviceOpt, JsonOpt, WorkspaceOpt
@@ -116,6 +118,6 @@ def guard(
     else:
         for table in guard_tables(report):
             out.print(table)
-        out.print(f"[bold]{'ACCEPTED as ' + report.version if report.accepted else 'REFUSED'}[/]: {report.reason}")
+        out.print(f"[bold]{'ACCEPTED as ' + report.version if report.accepted else 'REFUSED'}[/]: {escape(report.reason)}")
     if not report.accepted:
         raise typer.Exit(3)

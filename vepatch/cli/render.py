@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .._typed import to_plain
 from ..records import Diagnosis, EvalReport
@@ -106,7 +108,7 @@ def show_tables(manifest, report) -> list[Table]:
     for k, v in [("trainable numbers", f"{manifest.trainable_params:,}"), ("patch bytes", f"{manifest.patch_bytes:,}"),
                  ("strength", f"{manifest.strength:g}"), ("seed", str(manifest.seed)), ("diagnosis", manifest.diagnosis or "-"),
                  *[(k, f"{v:.4g}") for k, v in to_plain(manifest.metrics).items()],
-                 ("verdict", "-" if report is None else ("accepted" if report.accepted else "refused") + f": {report.reason}")]:
+                 ("verdict", "-" if report is None else ("accepted" if report.accepted else "refused") + f": {escape(report.reason)}")]:
         info.add_row(k, v)
     return [t, info] + (guard_tables(report) if report else [])
 
@@ -135,13 +137,14 @@ def outcomes_table(outcomes, title: str) -> Table:
 def cycle_report(r) -> list:
     """What a night did, for the morning: the verdict, tonight's holdout per class, bad drops."""
     what = r.version or r.candidate_id or ""
-    lines = [f"cycle {r.cycle_id or '-'}: {r.status}{' ' + what if what else ''} — {r.new_images} new image(s) "
-             f"({r.holdout_images} held out), {r.duplicates} seen before", f"  {r.reason}"]
+    lines = [Text(f"cycle {r.cycle_id or '-'}: {r.status}{' ' + what if what else ''}"),
+             Text(f"  {r.new_images} new image(s), {r.holdout_images} held out, {r.duplicates} seen before"),
+             Text(f"  {r.reason}")]
     if r.outcomes:
         label = "the promoted version" if r.status == "promoted" else "the candidate (not promoted)"
         lines.append(outcomes_table(r.outcomes, f"tonight's holdout: what {label} gets right"))
     for q in r.quarantined:
-        lines.append(f"quarantined {q.source} -> {q.moved_to}: {q.reason}")
+        lines.append(Text(f"quarantined {q.source} -> {q.moved_to}: {q.reason}"))
     return lines
 
 

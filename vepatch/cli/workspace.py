@@ -64,4 +64,4 @@ def eval_(
         out.print(confusion_table(result))
     if result.skipped:
         err.print(f"skipped {len(result.skipped)} unreadable file(s): " + "; ".join(
-            f"{s.source}: {s.reason}" for s in result.skipped[:5]) + (" ..." if len(result.skipped) > 5 else ""))
+            f"{s.source}: {s.reason}" for s in result.skipped[:5]) + (" ..." if len(result.skipped) > 5 else ""), markup=False)
