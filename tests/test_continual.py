@@ -129,6 +129,7 @@ def test_a_cycle_failing_the_same_way_twice_is_set_aside(make_workspace, vit_bun
     first, second = _cycle(root), _cycle(root)
     assert first.returncode == 1 and second.returncode == 1, first.stderr + second.stderr
     assert "guard-not-yet is not there" in json.loads(first.stdout)["reason"]
+    assert "set aside" in json.loads(second.stdout)["reason"] and "quarantine/" in second.stderr
     quarantined = [p for p in (root / "quarantine").rglob("*.png")]
     assert len(quarantined) == 12 and not [p for p in (root / "inbox").rglob("*.png")]
     reasons = next((root / "quarantine").iterdir()).joinpath("reasons.jsonl").read_text()

@@ -26,7 +26,7 @@ from ._typed import from_plain, to_plain
 from .apply import ShotPlan, holdout_ref
 from .context import Context
 from .data import ImageSet, Sample, class_of_folder
-from .errors import NothingToDo
+from .errors import NothingToDo, VepatchError
 from .fsio import append_line, write_text_atomic
 from .inbox import InboxFile, Quarantined, inbox_dir, labelled_pool, quarantine, scan_inbox, seen_hashes, split_holdout, stage
 from .records import ClassOutcome
@@ -153,7 +153,11 @@ def run_cycle(ctx: Context, dry_run: bool = False) -> CycleReport:
     try:
         state = _advance(ctx, state)
     except Exception as exc:
-        _record_failure(ctx, state, exc)
+        if _record_failure(ctx, state, exc):
+            raise VepatchError(f"{getattr(exc, 'message', exc)} — failed {ctx.recipe.cycle.max_same_failure} times the same "
+                               "way: the cycle is set aside, its new images are in quarantine/",
+                               (getattr(exc, "hint", "") + "; " if getattr(exc, "hint", "") else "") +
+                               "the next run takes new drops; move the images back into inbox/ once fixed") from exc
         raise
     _archive(ctx, state)
     status = ("promoted" if state.accepted else "refused" if state.candidate_id else
@@ -248,17 +252,19 @@ def holdout_set(ctx: Context, state: CycleState) -> ImageSet:
     return ImageSet("target-holdout", str(folder), classes, samples)
 
 
-def _record_failure(ctx: Context, state: CycleState, exc: Exception) -> None:
+def _record_failure(ctx: Context, state: CycleState, exc: Exception) -> bool:
     """Count a failed attempt; the same failure `cycle.max_same_failure` times in a row sets the
-    cycle aside: its images go to quarantine with the error, so the next run takes new ones."""
+    cycle aside (returns True): its images go to quarantine with the error, so the next run
+    takes new ones."""
     message = getattr(exc, "message", "") or f"{type(exc).__name__}: {exc}"
     failures = [*state.failures, message]
     limit = max(1, ctx.recipe.cycle.max_same_failure)
     if len(failures) >= limit and len(set(failures[-limit:])) == 1:
         set_aside(ctx, dataclasses.replace(state, failures=failures), "failed",
                   f"set aside after failing {limit} times the same way: {message}")
-    else:
-        save_state(ctx, dataclasses.replace(state, failures=failures))
+        return True
+    save_state(ctx, dataclasses.replace(state, failures=failures))
+    return False
 
 
 def set_aside(ctx: Context, state: CycleState, step: Step, reason: str) -> list[Quarantined]:
