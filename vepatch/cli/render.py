@@ -83,16 +83,17 @@ def guard_tables(report) -> list[Table]:
 
 
 def log_table(manifests, verdicts, head: str) -> Table:
-    t = Table(title=f"versions (HEAD: {head})")
-    for col in ("version", "parent", "method", "strength", "holdout fixed", "newly wrong", "params", "bytes", "created"):
-        t.add_column(col)
+    t = Table(title=f"versions (HEAD: {head}); fixed: of the holdout images wrong before; broke: right before",
+              title_justify="left")
+    for col in ("version", "parent", "method", "λ", "fixed", "broke", "bytes", "made (UTC)"):
+        t.add_column(col, no_wrap=True)
     for m, v in zip(manifests, verdicts):
         outcomes = v.target_outcomes if v else []
         wrong_before = sum(o.fixed + o.still_wrong for o in outcomes)
         t.add_row(("* " if m.version == head else "") + m.version, m.parent, m.method, f"{m.strength:g}",
                   f"{sum(o.fixed for o in outcomes)}/{wrong_before}" if outcomes else "-",
                   str(sum(o.newly_wrong for o in outcomes)) if outcomes else "-",
-                  f"{m.trainable_params:,}", f"{m.patch_bytes:,}", m.created)
+                  f"{m.patch_bytes / 1e6:.1f} MB", f"{m.created[4:6]}-{m.created[6:8]} {m.created[9:11]}:{m.created[11:13]}")
     return t
 
 
