@@ -146,7 +146,7 @@ def bench_stream(ctx: Context, stream: Path, methods: list[str], retains: list[s
             start = time.perf_counter()
             rounds = run_stream(sub, stream, on_round=(lambda r, label=label: on_round(label, r)) if on_round else None)
             runs.append(summarize_stream(label, method, retain, rounds, time.perf_counter() - start))
-    write_stream_bench(ctx, folder, runs)
+            write_stream_bench(ctx, folder, runs)  # after every run: a long bench stopped midway keeps what it finished
     return folder, runs
 
 
@@ -224,4 +224,4 @@ def write_stream_bench(ctx: Context, folder: Path, runs: list[StreamRun]) -> Non
     fig.savefig(buffer, format="png")
     plt.close(fig)
     write_bytes_atomic(folder / "bench-stream.png", buffer.getvalue())
-    ctx.workspace.log("bench-stream", folder=str(folder), runs=[r.label for r in runs])
+    ctx.workspace.log("bench-stream", folder=str(folder), runs=[r.label for r in runs])  # one line per finished run
