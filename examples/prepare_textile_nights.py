@@ -37,7 +37,8 @@ def main() -> None:
             target.mkdir(parents=True, exist_ok=True)
             for f in chosen:
                 shutil.copy2(f, target / f.name)
-    print(f"{args.out}: {args.nights} nights of {args.per_class} images per class, check set of {args.check} per class")
+    nights = f"{args.nights} night{'s' if args.nights != 1 else ''}"
+    print(f"{args.out}: {nights} of {args.per_class} images per class, check set of {args.check} per class")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,8 @@ def guard(
     else:
         for table in guard_tables(report):
             out.print(table)
-        out.print(f"[bold]{'ACCEPTED as ' + report.version if report.accepted else 'REFUSED'}[/]: {escape(report.reason)}")
+        verdict = f"ACCEPTED as {report.version}" if report.accepted else "REFUSED"
+        reason = report.reason.removeprefix("accepted ").removeprefix("refused: ")
+        out.print(f"[bold]{verdict}[/]: {escape(reason)}")
     if not report.accepted:
         raise typer.Exit(3)

@@ -146,6 +146,10 @@ def cycle_report(r) -> list:
         lines.append(outcomes_table(r.outcomes, f"tonight's holdout: what {label} gets right"))
     for q in r.quarantined:
         lines.append(Text(f"quarantined {q.source} -> {q.moved_to}: {q.reason}"))
+    if r.status == "refused":
+        lines.append(Text(f"next: the candidate is kept for inspection: vepatch show {r.candidate_id} (exit 3)"))
+    elif r.status == "promoted":
+        lines.append(Text(f"next: vepatch show {r.version}; vepatch log; vepatch rollback undoes it"))
     return lines
 
 
