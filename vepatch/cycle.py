@@ -25,10 +25,11 @@ from . import clock, store
 from ._typed import from_plain, to_plain
 from .apply import ShotPlan, holdout_ref
 from .context import Context
-from .data import ImageSet, Sample, class_of_folder
+from .data import ImageSet
 from .errors import NothingToDo, VepatchError
 from .fsio import append_line, write_text_atomic
-from .inbox import InboxFile, Quarantined, inbox_dir, labelled_pool, quarantine, scan_inbox, seen_hashes, split_holdout, stage
+from .inbox import (InboxFile, Quarantined, file_sha256, inbox_dir, labelled_pool, quarantine, scan_inbox, seen_hashes,
+                    split_holdout, stage, staged_samples)
 from .records import ClassOutcome
 
 Step = Literal["staged", "diagnosed", "applied", "judged", "done", "failed", "abandoned"]
@@ -236,8 +237,6 @@ def plan_cycle(ctx: Context, state: CycleState) -> ShotPlan:
 def version_holdouts(ctx: Context) -> set[str]:
     """Content hashes of every accepted version's target holdout (files that still exist): they
     guard later patches, so no cycle may train on them."""
-    from .inbox import file_sha256
-
     paths = {Path(s) for v in store.versions(ctx.workspace) for s in store.read_manifest(ctx.workspace, v).holdout.sources}
     return {file_sha256(p) for p in paths if p.is_file()}
 
@@ -245,11 +244,7 @@ def version_holdouts(ctx: Context) -> set[str]:
 def holdout_set(ctx: Context, state: CycleState) -> ImageSet:
     """The cycle's target holdout, from its own copy of the images."""
     folder, classes = ctx.workspace.cycle_holdout(state.cycle_id), list(ctx.recipe.classes)
-    samples = []
-    for d in sorted(folder.iterdir()) if folder.is_dir() else []:
-        label = class_of_folder(d.name, classes)
-        samples += [Sample(str(f), label) for f in sorted(d.iterdir()) if label is not None and f.is_file()]
-    return ImageSet("target-holdout", str(folder), classes, samples)
+    return ImageSet("target-holdout", str(folder), classes, staged_samples(folder, classes))
 
 
 def _record_failure(ctx: Context, state: CycleState, exc: Exception) -> bool:
@@ -292,8 +287,6 @@ def abandon(ctx: Context) -> CycleReport:
 
 def _archive(ctx: Context, state: CycleState) -> None:
     """Move the cycle's inbox files to archive/<date>/<class>/ (idempotent), then mark done."""
-    from .inbox import file_sha256
-
     ws = ctx.workspace
     root = ws.root
     dest = ws.archive_day(state.cycle_id[:8] if state.cycle_id[:1].isdigit() else clock.day())

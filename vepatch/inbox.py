@@ -164,12 +164,7 @@ def labelled_pool(ctx: Context, usable_cycles: list[str], held_out: set[str]) ->
     one set with the recipe's classes; None when there is none."""
     recipe, ws = ctx.recipe, ctx.workspace
     classes = list(recipe.classes)
-    samples = []
-    for cycle_id in usable_cycles:
-        folder = ws.cycle_train(cycle_id)
-        for d in sorted(folder.iterdir()) if folder.is_dir() else []:
-            label = class_of_folder(d.name, classes)
-            samples += [Sample(str(f), label) for f in sorted(d.iterdir()) if label is not None and f.is_file()]
+    samples = [x for cycle_id in usable_cycles for x in staged_samples(ws.cycle_train(cycle_id), classes)]
     if recipe.shot_pool is not None:
         spec = recipe.shot_pool
         pool = open_image_set(ctx.resolve(spec.path), classes, spec.folders, spec.name or "pool", spec.max_per_class, recipe.seed)
@@ -179,3 +174,12 @@ def labelled_pool(ctx: Context, usable_cycles: list[str], held_out: set[str]) ->
         samples += pool.samples
     samples = [x for x in samples if file_sha256(Path(x.source)) not in held_out]
     return ImageSet("labelled", str(ws.cycles), classes, samples) if samples else None
+
+
+def staged_samples(folder: Path, classes: list[str]) -> list[Sample]:
+    """The images a cycle staged in `folder` (<class>/<hash>.<ext>), labelled by their folder."""
+    samples = []
+    for d in sorted(folder.iterdir()) if folder.is_dir() else []:
+        label = class_of_folder(d.name, classes)
+        samples += [Sample(str(f), label) for f in sorted(d.iterdir()) if label is not None and f.is_file()]
+    return samples

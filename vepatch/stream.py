@@ -77,27 +77,32 @@ def measure_head(ctx: Context, name: str, status: str, cycle_id: str, cycles: di
     from .evaluate import predict
     from .models.heads import text_head
 
-    ws, bs, device = ctx.workspace, ctx.recipe.batch_size, ctx.device
+    ws = ctx.workspace
     version = store.head(ws)
     loaded, _ = ctx.model(version)
+
+    def accuracy(images, templates) -> float:
+        head = text_head(loaded, images.classnames, templates)
+        return predict(loaded, head, images, ctx.recipe.batch_size, ctx.device).accuracy
+
     by_id = {s.cycle_id: s for s in states(ctx)}
     rounds = {}
     for r, cid in cycles.items():
         images = holdout_set(ctx, by_id[cid])
         if len(images):
-            rounds[r] = predict(loaded, text_head(loaded, images.classnames, ctx.recipe.templates), images, bs, device).accuracy
+            rounds[r] = accuracy(images, ctx.recipe.templates)
     targets = {}
     chain = store.chain(ws, version)
     for v in chain:
         ref = store.read_manifest(ws, v).holdout
         images = open_holdout(ref)
-        targets[f"{v}:{ref.name}"] = predict(loaded, text_head(loaded, images.classnames, ref.templates), images, bs, device).accuracy
+        targets[f"{v}:{ref.name}"] = accuracy(images, ref.templates)
     guards = {}
     for spec in ctx.recipe.guard.suites:
         if not ctx.resolve(spec.path).is_dir():
             continue
         images = open_guard_suite(ctx, spec)
-        guards[images.name] = predict(loaded, text_head(loaded, images.classnames, spec.templates), images, bs, device).accuracy
+        guards[images.name] = accuracy(images, spec.templates)
     size = sum(store.read_manifest(ws, v).patch_bytes for v in chain)
     return StreamRound(name, status, version, cycle_id, rounds, targets, guards, size)
 
