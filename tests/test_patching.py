@@ -86,6 +86,11 @@ def test_guard_accepts_writes_version_and_export_loads_in_open_clip(make_workspa
     assert report["accepted"] and report["version"] == "v1"
     ws = store.Workspace(root)
     assert store.head(ws) == "v1" and store.versions(ws) == ["v1"]
+    # judged once: no implicit pick left, and naming it is an error naming its version
+    assert _invoke("guard", "-C", str(root))[0].exit_code == 4
+    result, _ = _invoke("guard", report["candidate_id"], "-C", str(root))
+    assert result.exit_code == 2 and "already v1" in result.output
+    assert store.versions(ws) == ["v1"]
     result, out = _invoke("verify", "-C", str(root), "--json")
     assert result.exit_code == 0 and out["ok"], result.output
 
@@ -209,6 +214,18 @@ def test_l2_and_distillation_regularize_the_delta(make_workspace, vit_bundle, tm
         _, delta = store.read_candidate(store.Workspace(root), manifest["candidate_id"])
         norms[name] = sum(float(v.float().pow(2).sum()) for v in delta.tensors.values())
     assert norms["l2"] < norms["plain"] and norms["distill"] < norms["plain"]
+
+
+def test_guard_never_picks_a_bench_candidate_implicitly(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=1)
+    result, mine = _invoke("apply", "-C", str(root), "--diagnosis", "none", "--json")
+    assert result.exit_code == 0, result.output
+    result, _ = _invoke("apply", "-C", str(root), "--diagnosis", "none", "--method", "lorsu-random", "--origin", "bench", "--json")
+    assert result.exit_code == 0, result.output
+    result, report = _invoke("guard", "-C", str(root), "--json")
+    assert result.exit_code in (0, 3), result.output
+    assert report["candidate_id"] == mine["candidate_id"]  # not the newer bench run
+    assert _invoke("guard", "-C", str(root))[0].exit_code == 4  # nothing of apply's left to judge
 
 
 def test_export_peft_for_a_plain_lora_patch(make_workspace, vit_bundle, tmp_path):

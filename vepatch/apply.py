@@ -97,8 +97,11 @@ def score_masks(ctx: Context, loaded: LoadedModel, head: torch.Tensor, shots: Im
 
 
 def run_apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan] = None, diagnosis: str = "latest",
-              progress: Optional[Callable[[int, int], None]] = None) -> PatchManifest:
-    """Train a candidate on the current version from `plan` (default: the shot pool's)."""
+              progress: Optional[Callable[[int, int], None]] = None, origin: str = "apply") -> PatchManifest:
+    """Train a candidate on the current version from `plan` (default: the shot pool's).
+    `origin` ('apply' or 'bench') says who asked; a cycle's plan makes it 'cycle'."""
+    if origin not in ("apply", "bench"):
+        raise UsageError(f"--origin {origin}: not 'apply' or 'bench'", "leave --origin out")
     spec = recipe.apply
     method = get_method(spec.method)
     plan = plan or plan_from_pool(ctx, recipe)
@@ -156,6 +159,7 @@ def run_apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan] = None, dia
         holdout=plan.holdout,
         train_files=[s.source for s in shots.samples],
         cycle=plan.cycle,
+        origin="cycle" if plan.cycle else origin,
         diagnosis=diagnosis_file,
         recipe=recipe,
         libraries=libraries(),

@@ -63,7 +63,7 @@ def apply_in_subprocess(workspace: Path, method: str, seed: int, shots: int, ext
     from ._typed import from_plain
 
     cmd = [sys.executable, "-m", "vepatch", "apply", "-C", str(workspace), "--method", method, "--seed", str(seed),
-           "--shots", str(shots), "--diagnosis", "none", "--json", *extra]
+           "--shots", str(shots), "--diagnosis", "none", "--origin", "bench", "--json", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise VepatchError(f"bench: apply --method {method} --seed {seed} failed: {done.stderr.strip().splitlines()[-1:]}",

@@ -200,6 +200,8 @@ def _advance(ctx: Context, state: CycleState) -> CycleState:
             report = store.read_verdict(ws, version)
             if report is None:
                 raise store.StoreError(f"{store.version_dir(ws, version)}: unreadable guard.json", "run `vepatch verify`")
+        elif (judged := store.read_candidate_verdict(ws, state.candidate_id)) is not None:
+            report = judged  # refused before a crash: the verdict stands
         else:
             report = run_guard(ctx, state.candidate_id, None)
             fault_point("after-version")  # a version may be written, the state not yet saved

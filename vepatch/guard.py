@@ -46,24 +46,51 @@ def mcnemar_p(before: np.ndarray, after: np.ndarray) -> float:
     return float(binomtest(min(lost, gained), lost + gained, 0.5).pvalue)
 
 
+def drop_p(before: np.ndarray, after: np.ndarray) -> float:
+    """Exact one-sided McNemar test that the candidate loses more images than it gains
+    (1.0 when nothing changed): the guard's question is only ever "did it get worse?"."""
+    lost = int((before & ~after).sum())
+    gained = int((~before & after).sum())
+    if lost + gained == 0:
+        return 1.0
+    return float(binomtest(lost, lost + gained, 0.5, alternative="greater").pvalue)
+
+
+def detectable_drop_pp(n: int, alpha: float) -> float:
+    """The smallest drop (pp) `drop_p` can call real on `n` images: k lost and none gained
+    gives p = 0.5**k, so k = the fewest losses with 0.5**k < alpha (inf when k > n)."""
+    k = 1
+    while 0.5 ** k >= alpha:
+        k += 1
+    return 100.0 * k / n if 0 < k <= n else float("inf")
+
+
 def judge(suites: list[Suite], base: dict[str, Predictions], cand: dict[str, Predictions], spec: GuardSpec, strength: float) -> StrengthResult:
     results, guard_changes = [], []
     for s in suites:
         b, a = base[s.name], cand[s.name]
         change = 100 * (a.accuracy - b.accuracy)
-        p = mcnemar_p(b.correct, a.correct)
+        p = drop_p(b.correct, a.correct)
+        detectable = detectable_drop_pp(len(b.labels), spec.alpha)
         if s.role == "target":
             passed = change >= spec.min_target_gain_pp
             why = "gain ok" if passed else f"gain {change:+.1f} pp < required {spec.min_target_gain_pp:+.1f} pp"
         else:
             guard_changes.append(change)
-            significant = p < spec.alpha
-            passed = not (-change > s.max_drop_pp and significant)
-            if passed:
-                why = "kept" if change >= -s.max_drop_pp else f"drop {change:+.1f} pp within noise (p={p:.2f})"
+            too_small = detectable > s.max_drop_pp and spec.small_suites == "strict"
+            over_bar = -change > s.max_drop_pp
+            passed = not (over_bar and (too_small or p < spec.alpha))
+            if not over_bar:
+                why = "kept"
+            elif passed:
+                why = f"drop {change:+.1f} pp within noise (p={p:.2f})"
+            elif too_small:
+                why = (f"drop {change:+.1f} pp > {s.max_drop_pp:.1f} pp allowed ({len(b.labels)} images cannot tell "
+                       f"less than {detectable:.1f} pp from noise, so the raw drop decides)")
             else:
                 why = f"drop {change:+.1f} pp > {s.max_drop_pp:.1f} pp allowed (p={p:.3f})"
-        results.append(SuiteResult(s.name, s.role, len(b.labels), b.accuracy, a.accuracy, change, p, passed, why))
+        results.append(SuiteResult(s.name, s.role, len(b.labels), b.accuracy, a.accuracy, change, p, passed, why,
+                                   detectable))
     mean_change = float(np.mean(guard_changes)) if guard_changes else 0.0
     reasons = [f"{r.name}: {r.why}" for r in results if not r.passed]
     if -mean_change > spec.max_mean_drop_pp:
@@ -167,9 +194,12 @@ def guard_suites(ctx: Context, loaded: LoadedModel, manifest: PatchManifest, bas
     return suites, notes
 
 
-def run_guard(ctx: Context, candidate_id: Optional[str], baseline: Optional[str], promote: bool = True,
-              make_current: bool = True) -> GuardReport:
+def run_guard(ctx: Context, candidate_id: Optional[str], baseline: Optional[str], make_current: bool = True) -> GuardReport:
+    """Judge a candidate (default: the newest one `vepatch apply` made that nobody judged yet);
+    accepted -> the next vN. A candidate is judged once: its verdict is never overwritten."""
     ws = ctx.workspace
+    candidate_id = candidate_id or store.waiting_candidate(ws)
+    store.check_unjudged(ws, candidate_id)
     manifest, delta = store.read_candidate(ws, candidate_id)
     baseline = baseline or store.head(ws)
     parent, _ = ctx.model(manifest.parent)
@@ -200,14 +230,14 @@ def run_guard(ctx: Context, candidate_id: Optional[str], baseline: Optional[str]
         )
         if not distributed.is_writer():  # under torchrun, rank 0 alone writes
             return report
-        store.write_verdict(ws, manifest.candidate_id, report)
         version = ""
-        if best and promote:
+        if best:  # the version first: a crash before the verdict below leaves a findable version (store.version_of)
             scaled = delta.scaled(best.strength)
             fp = patched_fingerprint(parent.model, scaled)
             version = store.write_version(ws, dataclasses.replace(manifest, strength=best.strength, fingerprint=fp),
                                           scaled, report, make_current=make_current)
             report = dataclasses.replace(report, version=version)
+        store.write_verdict(ws, manifest.candidate_id, report)
         ws.log("guard", candidate=manifest.candidate_id, baseline=baseline, accepted=report.accepted,
                strength=report.strength, version=version, reason=report.reason)
         if version:

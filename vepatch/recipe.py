@@ -89,7 +89,10 @@ class GuardSpec:
     suites: list[GuardSuite] = field(default_factory=list)  # what the model must keep doing well
     min_target_gain_pp: float = 2.0  # target-holdout accuracy must rise at least this much
     max_mean_drop_pp: float = 0.5  # mean drop over guard suites may not exceed this
-    alpha: float = 0.05  # a drop counts only if McNemar's exact test says so at this level
+    alpha: float = 0.05  # a drop beyond the bar counts if a one-sided exact McNemar test says so at this level
+    # a suite too small for the test to detect its own bar (30 images cannot tell 1 pp from
+    # noise): 'strict' = its raw drop decides, no test; 'lenient' = test it anyway (it can hardly fail)
+    small_suites: Literal["strict", "lenient"] = "strict"
     strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # lambda values tried
     holdout_max_drop_pp: float = 1.0  # bar for the holdouts of earlier accepted versions (they guard too)
 

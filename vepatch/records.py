@@ -150,6 +150,7 @@ class PatchManifest:
     version: str = ""  # 'vN' once accepted
     train_files: list[str] = field(default_factory=list)  # the images trained on (holdout.sources: held out)
     cycle: str = ""  # the cycle that trained it ('' for `vepatch apply`)
+    origin: Literal["apply", "cycle", "bench"] = "apply"  # who made it; `guard` with no argument judges only 'apply' ones
     schema_version: int = SCHEMA_VERSION
 
 
@@ -161,9 +162,10 @@ class SuiteResult:
     before: float
     after: float
     change_pp: float
-    p_value: float  # McNemar exact test on the paired disagreements
+    p_value: float  # one-sided exact McNemar test (lost > gained) on the paired disagreements
     passed: bool
     why: str
+    detectable_pp: float = 0.0  # the smallest drop this suite's size lets the test call real at guard.alpha
 
 
 @dataclass(frozen=True)

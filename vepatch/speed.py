@@ -216,7 +216,7 @@ def time_guard(ctx, candidate_id: Optional[str]) -> GuardTiming:
     from .guard import guard_suites, search_strengths
     from .runtime.predcache import PredictionCache
 
-    manifest, delta = store.read_candidate(ctx.workspace, candidate_id)
+    manifest, delta = store.read_candidate(ctx.workspace, candidate_id or store.newest_candidate(ctx.workspace))
     parent, _ = ctx.model(manifest.parent)
     suites, _ = guard_suites(ctx, parent, manifest, manifest.parent)
     spec, bs, device = ctx.recipe.guard, ctx.recipe.batch_size, ctx.device

@@ -143,17 +143,54 @@ def write_verdict(ws: Workspace, candidate_id: str, report: GuardReport) -> None
     write_text_atomic(ws.candidate_dir(candidate_id) / GUARD_FILE, to_json(report))
 
 
+def read_candidate_verdict(ws: Workspace, candidate_id: str) -> GuardReport | None:
+    """The verdict written beside a candidate, if it was judged."""
+    path = ws.candidate_dir(candidate_id) / GUARD_FILE
+    return read_record(GuardReport, path) if path.is_file() else None
+
+
+def newest_candidate(ws: Workspace) -> str:
+    known = candidates(ws)
+    if not known:
+        raise NothingToDo(f"{ws.candidates}: no candidate", "run `vepatch apply` first")
+    return known[-1]
+
+
+def waiting_candidate(ws: Workspace) -> str:
+    """The newest candidate `vepatch apply` made that was not judged yet: never a bench run's
+    or a cycle's (those are judged by their own command, or named explicitly)."""
+    for cid in reversed(candidates(ws)):
+        path = ws.candidate_dir(cid)
+        if (path / GUARD_FILE).is_file():
+            continue
+        try:
+            origin = read_record(PatchManifest, path / CANDIDATE_FILE).origin
+        except Exception:
+            continue  # `vepatch verify` reports it
+        if origin == "apply":
+            return cid
+    newest_candidate(ws)  # none at all: "run `vepatch apply` first"
+    raise NothingToDo(f"{ws.candidates}: every candidate `vepatch apply` made is judged already",
+                      "run `vepatch apply` for a new one, or name a candidate (`vepatch log --candidates` lists them)")
+
+
+def check_unjudged(ws: Workspace, candidate_id: str) -> None:
+    """A candidate's verdict is written once: judging it again is an error naming its fate."""
+    version = version_of(ws, candidate_id)
+    if version:
+        raise UsageError(f"candidate {candidate_id} is already {version}", f"`vepatch show {version}` shows its verdict")
+    verdict = read_candidate_verdict(ws, candidate_id) if (ws.candidate_dir(candidate_id) / CANDIDATE_FILE).is_file() else None
+    if verdict is not None:
+        raise UsageError(f"candidate {candidate_id} was judged already ({'accepted' if verdict.accepted else 'refused'})",
+                         f"`vepatch show {candidate_id}` shows why; `vepatch apply` makes a new candidate")
+
+
 def candidates(ws: Workspace) -> list[str]:
     found = [d for d in ws.candidates.iterdir() if d.is_dir() and not d.name.startswith(".") and (d / CANDIDATE_FILE).is_file()]
     return [d.name for d in sorted(found, key=lambda d: d.name)]
 
 
-def read_candidate(ws: Workspace, candidate_id: str | None) -> tuple[PatchManifest, Delta]:
-    if candidate_id is None:
-        known = candidates(ws)
-        if not known:
-            raise NothingToDo(f"{ws.candidates}: no candidate", "run `vepatch apply` first")
-        candidate_id = known[-1]
+def read_candidate(ws: Workspace, candidate_id: str) -> tuple[PatchManifest, Delta]:
     folder = ws.candidate_dir(candidate_id)
     if not (folder / CANDIDATE_FILE).is_file():
         raise UsageError(f"no candidate '{candidate_id}'", f"known: {', '.join(candidates(ws)) or '(none)'}")

@@ -61,6 +61,7 @@ def apply(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for shots, masks and training.")] = None,
     loss: Annotated[Optional[str], typer.Option("--loss", help="'ce' (frozen text head) or 'contrastive'.")] = None,
     from_dir: Annotated[Optional[Path], typer.Option("--from", help="Labelled folder (e.g. errors/) to take the shots and holdout from, instead of the shot pool.")] = None,
+    origin: Annotated[str, typer.Option("--origin", hidden=True, help="'bench' marks a bench run's candidate (never judged implicitly).")] = "apply",
     workspace: WorkspaceOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
@@ -80,7 +81,7 @@ def apply(
     recipe = with_overrides(ctx.recipe, {"apply.shots": shots, "apply.method": method, "apply.epochs": epochs,
                                          "apply.lr": lr, "seed": seed, "apply.loss": loss})
     with progress_bar("training") as advance:
-        manifest = run_apply(ctx, recipe, plan_from_pool(ctx, recipe, from_dir), diagnosis, advance)
+        manifest = run_apply(ctx, recipe, plan_from_pool(ctx, recipe, from_dir), diagnosis, advance, origin)
     if as_json:
         emit_json(manifest)
         return
@@ -93,7 +94,7 @@ def apply(
 
 @command(sharded=True)
 def guard(
-    candidate: Annotated[Optional[str], typer.Argument(help="Candidate id (default: the latest).")] = None,
+    candidate: Annotated[Optional[str], typer.Argument(help="Candidate id (default: the newest one `vepatch apply` made and nobody judged; bench and cycle candidates must be named).")] = None,
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="vM or base (default: the current version).")] = None,
     no_promote: Annotated[bool, typer.Option("--no-promote", help="Write the version but do not make it current.")] = False,
     workspace: WorkspaceOpt = None,
@@ -112,7 +113,7 @@ def guard(
     from .render import guard_tables
 
     ctx = context.open_context(workspace, device=device)
-    report = run_guard(ctx, candidate, baseline, promote=True, make_current=not no_promote)
+    report = run_guard(ctx, candidate, baseline, make_current=not no_promote)
     if as_json:
         emit_json(report)
     else:

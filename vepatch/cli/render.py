@@ -73,11 +73,12 @@ def guard_tables(report) -> list[Table]:
     for trial in report.trials:
         mark = "chosen" if report.accepted and trial.strength == report.strength else ("pass" if trial.passed else "fail")
         t = Table(title=f"strength {trial.strength}: {mark} — mean guard change {trial.mean_guard_change_pp:+.2f} pp")
-        for col in ("suite", "role", "n", "before", "after", "change", "p", "verdict"):
-            t.add_column(col, justify="right" if col in ("n", "before", "after", "change", "p") else "left")
+        for col in ("suite", "role", "n", "before", "after", "change", "p", "detects", "verdict"):
+            t.add_column(col, justify="left" if col in ("suite", "role", "verdict") else "right")
         for s in trial.suites:
+            detects = "-" if s.role == "target" or not s.detectable_pp else f"≥{s.detectable_pp:.1f}"
             t.add_row(s.name, s.role, str(s.n), pct(s.before), pct(s.after), f"{s.change_pp:+.1f} pp",
-                      f"{s.p_value:.3f}", ("ok: " if s.passed else "FAIL: ") + s.why)
+                      f"{s.p_value:.3f}", detects, ("ok: " if s.passed else "FAIL: ") + s.why)
         tables.append(t)
     return tables
 

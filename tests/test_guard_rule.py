@@ -1,0 +1,61 @@
+"""The acceptance rule itself (METHODS.md §3), on planted paired predictions: no model needed."""
+
+import numpy as np
+import pytest
+
+from vepatch.data import ImageSet
+from vepatch.guard import Suite, detectable_drop_pp, drop_p, judge
+from vepatch.recipe import GuardSpec
+from vepatch.runtime.passes import Predictions
+
+
+def paired(n: int, lost: int, gained: int) -> tuple[Predictions, Predictions]:
+    """`n` images of one class; the candidate breaks `lost` the baseline had right and fixes `gained`."""
+    labels = np.zeros(n, dtype=np.int64)
+    before = np.zeros(n, dtype=np.int64)
+    before[:gained] = 1  # wrong before, the candidate fixes them
+    after = before.copy()
+    after[:gained] = 0
+    after[gained:gained + lost] = 1  # right before, the candidate breaks them
+    return Predictions(labels, before), Predictions(labels, after)
+
+
+def verdict(n: int, lost: int, gained: int, bar: float = 1.0, **spec):
+    suite = Suite("g", "guard", ImageSet("g", "", ["a", "b"], []), None, bar)
+    b, a = paired(n, lost, gained)
+    return judge([suite], {"g": b}, {"g": a}, GuardSpec(max_mean_drop_pp=100.0, **spec), 1.0).suites[0]
+
+
+def test_the_test_is_one_sided_and_asks_only_whether_it_got_worse():
+    b, a = paired(100, lost=5, gained=0)
+    assert drop_p(b.correct, a.correct) == pytest.approx(0.5 ** 5)
+    assert drop_p(a.correct, b.correct) == 1.0  # gaining 5 is never a "drop"
+
+
+def test_the_smallest_detectable_drop_follows_the_suite_size():
+    assert detectable_drop_pp(30, 0.05) == pytest.approx(100 * 5 / 30)  # 0.5**5 = 0.031 < 0.05, 0.5**4 is not
+    assert detectable_drop_pp(1000, 0.05) == pytest.approx(0.5)
+    assert detectable_drop_pp(4, 0.05) == float("inf")
+
+
+def test_a_small_suite_that_loses_four_images_fails():
+    """The defect: 4 lost and 0 gained on 30 images (-13.3 pp, two-sided p = 0.125) passed."""
+    s = verdict(30, lost=4, gained=0)
+    assert not s.passed
+    assert "raw drop decides" in s.why
+    assert s.detectable_pp == pytest.approx(100 * 5 / 30)
+
+
+def test_lenient_small_suites_keep_the_test():
+    assert verdict(30, lost=4, gained=0, small_suites="lenient").passed
+
+
+def test_a_large_suite_judges_a_drop_by_the_test():
+    assert verdict(1000, lost=12, gained=0).passed is False  # -1.2 pp, p = 0.5**12
+    noisy = verdict(1000, lost=30, gained=18)  # -1.2 pp, but 30 vs 18 losses is not significant
+    assert noisy.passed and "within noise" in noisy.why
+
+
+def test_a_drop_within_the_bar_passes_whatever_the_size():
+    assert verdict(30, lost=1, gained=1).passed
+    assert verdict(1000, lost=5, gained=0).passed  # -0.5 pp < 1 pp
