@@ -152,3 +152,22 @@ def test_cuda_out_of_memory_is_retried_then_one_clear_error(ws, tmp_path, monkey
     result = runner.invoke(app, ["eval", str(tmp_path / "pool"), "-C", str(ws), "--batch-size", "8"])
     assert result.exit_code == 1 and "out of memory even at batch size 1" in result.output
     assert sizes == [8, 4, 2, 1]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["apply", "--shots", "0"], "apply.shots: 0 is out of range"),
+    (["apply", "--shots", "-3"], "apply.shots: -3 is out of range"),
+    (["apply", "--epochs", "0"], "apply.epochs: 0 is out of range"),
+    (["apply", "--method", "lorsa"], "did you mean 'lora'"),
+    (["apply", "--device", "tpu"], "'tpu' is not one of"),
+])
+def test_bad_flags_fail_at_once_before_the_model_loads(ws, monkeypatch, args, message):
+    from vepatch.context import Context
+
+    def no_model(*_, **__):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(Context, "model", no_model)
+    result = runner.invoke(app, [*args, "-C", str(ws)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.startswith("error:")

@@ -267,3 +267,22 @@ def test_full_wise_is_half_of_the_same_full_fine_tune(make_workspace, vit_bundle
         assert torch.equal(deltas["full+wise"][key], full * 0.5), key
         moved += int((full != 0).sum())
     assert moved > 0
+
+
+def test_apply_reuses_only_a_diagnosis_that_matches_its_method_and_budget(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=1)
+    errors = tiny.make_folder(tmp_path / "errors", 3, seed=11)
+    for extra in (["--control", "random"], ["--fc1-fraction", "0.5"]):
+        result = runner.invoke(app, ["diagnose", str(errors), "-C", str(root), *extra])
+        if result.exit_code == 4:
+            pytest.skip("random tiny model made no error")
+        assert result.exit_code == 0, result.output
+        result, manifest = _invoke("apply", "-C", str(root), "--json")
+        assert result.exit_code == 0, result.output
+        assert manifest["diagnosis"] == ""  # not those masks: scored on the shots instead
+    named = sorted((root / ".vepatch" / "diagnoses").glob("*.json"))[-1].name
+    result, _ = _invoke("apply", "-C", str(root), "--diagnosis", named)
+    assert result.exit_code == 2 and "fc1_fraction 0.5" in result.output
+    assert runner.invoke(app, ["diagnose", str(errors), "-C", str(root)]).exit_code == 0
+    result, manifest = _invoke("apply", "-C", str(root), "--json")
+    assert manifest["diagnosis"] == sorted((root / ".vepatch" / "diagnoses").glob("*.json"))[-1].name

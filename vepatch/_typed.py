@@ -13,6 +13,38 @@ from typing import Any, Union
 from .errors import UsageError
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a number field (or of each item of a list field); `nonempty` for lists."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself is not allowed
+    hi_open: bool = False
+    nonempty: bool = False
+
+    def problem(self, value: Any) -> str:
+        if isinstance(value, (list, tuple)):
+            if self.nonempty and not value:
+                return "is empty"
+            return next((p for p in map(self.problem, value) if p), "")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return ""
+        low = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        high = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+        return f"{value!r} is out of range" if low or high else ""
+
+    def describe(self) -> str:
+        lo = "" if self.lo is None else f"{'>' if self.lo_open else '≥'} {self.lo:g}"
+        hi = "" if self.hi is None else f"{'<' if self.hi_open else '≤'} {self.hi:g}"
+        return " and ".join(p for p in (lo, hi) if p)
+
+
+def ranged(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **limits: Any) -> Any:
+    """A dataclass field whose values `from_plain` checks against `Range(**limits)`."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"range": Range(**limits)})
+
+
 def to_plain(obj: Any) -> Any:
     """A dataclass tree as JSON-ready lists, dicts and scalars (tuples become lists)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -63,7 +95,8 @@ def _coerce(value: Any, tp: Any, where: str, strict: bool) -> Any:
         if not isinstance(value, dict):
             raise _type_error(where, "a mapping", value)
         hints = typing.get_type_hints(tp)
-        names = [f.name for f in dataclasses.fields(tp) if f.init]
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
+        names = list(fields)
         kwargs = {}
         for key, item in value.items():
             if key not in names:
@@ -73,6 +106,11 @@ def _coerce(value: Any, tp: Any, where: str, strict: bool) -> Any:
                 hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(names)}"
                 raise UsageError(f"{where}: unknown key '{key}'", hint)
             kwargs[key] = _coerce(item, hints[key], f"{where}.{key}", strict)
+            limits = fields[key].metadata.get("range")
+            problem = limits.problem(kwargs[key]) if limits else ""
+            if problem:
+                raise UsageError(f"{where}.{key}: {problem}",
+                                 "give at least one value" if problem == "is empty" else f"use a value {limits.describe()}")
         try:
             return tp(**kwargs)
         except TypeError as exc:  # a required field is missing

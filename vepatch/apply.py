@@ -26,7 +26,7 @@ from .methods.train import Objective, train
 from .models import LoadedModel
 from .models.heads import text_head
 from .models.towers import Tower, describe_tower
-from .recipe import Recipe
+from .recipe import DiagnoseSpec, Recipe
 from .records import Diagnosis, HoldoutRef, PatchManifest, read_record
 
 
@@ -63,8 +63,23 @@ def holdout_ref(holdout: ImageSet, name: str, recipe: Recipe) -> HoldoutRef:
     return HoldoutRef(name, list(holdout.classnames), list(recipe.templates), [s.source for s in holdout.samples], holdout.labels)
 
 
-def diagnosis_masks(ctx: Context, fingerprint_: str, choice: str) -> tuple[Optional[Masks], str]:
-    """Masks of the chosen diagnosis ('latest', a file name, or 'none'), if made on this model."""
+def mismatch(d: Diagnosis, fingerprint_: str, spec: DiagnoseSpec) -> str:
+    """Why diagnosis `d` cannot give the masks this apply would compute ('' if it can): same
+    model version, the recipe's budget (fc1_fraction, heads_per_layer), and real blame, not
+    the random control."""
+    if d.fingerprint != fingerprint_:
+        return "made on another model version"
+    if d.control != "none":
+        return f"its masks are the '{d.control}' control"
+    if (d.fc1_fraction, d.heads_per_layer) != (spec.fc1_fraction, spec.heads_per_layer):
+        return (f"made with fc1_fraction {d.fc1_fraction:g} / heads_per_layer {d.heads_per_layer}, the recipe says "
+                f"{spec.fc1_fraction:g} / {spec.heads_per_layer}")
+    return ""
+
+
+def diagnosis_masks(ctx: Context, fingerprint_: str, choice: str, spec: DiagnoseSpec) -> tuple[Optional[Masks], str]:
+    """Masks of the chosen diagnosis ('latest': the newest that matches, see `mismatch`; a file
+    name: that one, or an error saying why it does not fit; 'none')."""
     from safetensors.torch import load_file
 
     if choice == "none":
@@ -75,10 +90,11 @@ def diagnosis_masks(ctx: Context, fingerprint_: str, choice: str) -> tuple[Optio
         if not path.is_file():
             raise UsageError(f"{path}: no such diagnosis", "use --diagnosis latest or a file in .vepatch/diagnoses/")
         d = read_record(Diagnosis, path)
-        if d.fingerprint == fingerprint_:
+        why = mismatch(d, fingerprint_, spec)
+        if not why:
             return Masks.from_tensors(load_file(str(folder / d.masks_file))), path.name
         if choice != "latest":
-            raise UsageError(f"{path}: made on another model version", "diagnose again on the current version")
+            raise UsageError(f"{path}: {why}", "diagnose again with the recipe's settings, or use --diagnosis latest")
     return None, ""
 
 
@@ -112,7 +128,7 @@ def run_apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan] = None, dia
 
     masks, diagnosis_file = None, ""
     if method.masks == "diagnosis":
-        masks, diagnosis_file = diagnosis_masks(ctx, loaded.fingerprint, diagnosis)
+        masks, diagnosis_file = diagnosis_masks(ctx, loaded.fingerprint, diagnosis, recipe.diagnose)
     if method.needs_masks and masks is None:
         masks = score_masks(ctx, loaded, head, shots, method, recipe, tower)
 

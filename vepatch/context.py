@@ -105,13 +105,13 @@ def open_guard_suite(ctx: Context, spec: GuardSuite) -> ImageSet:
     """A guard suite of the recipe, with its own classes (or its folder names)."""
     path = ctx.resolve(spec.path)
     if not path.exists():
-        name = spec.name or path.name
+        name = spec.label
         fix = ("apt-get install dataset-fashion-mnist (Debian), or mark the suite `optional: true`"
                if spec.path == "builtin:fashion-mnist" else
                f"put a labelled folder there (e.g. python examples/prepare_guards.py {ctx.workspace.root if ctx.workspace else 'WS'}), "
                "use a built-in suite (path: builtin:digits), or mark it `optional: true`")
         raise DataError(f"guard suite '{name}': {path} is not there", fix)
-    return open_image_set(path, spec.classes or None, spec.folders, spec.name or path.name, spec.max_per_class, ctx.recipe.seed)
+    return open_image_set(path, spec.classes or None, spec.folders, spec.label, spec.max_per_class, ctx.recipe.seed)
 
 
 def set_and_templates(ctx: Context, data: Path, templates: Optional[Sequence[str]] = None) -> tuple[ImageSet, list[str]]:

@@ -182,7 +182,7 @@ def guard_suites(ctx: Context, loaded: LoadedModel, manifest: PatchManifest, bas
     suites = [Suite("target-holdout", "target", target, text_head(loaded, target.classnames, manifest.holdout.templates), 0.0)]
     for spec in recipe.guard.suites:
         if spec.optional and not ctx.resolve(spec.path).is_dir():
-            notes.append(f"{spec.name or spec.path}: not there, skipped (optional)")
+            notes.append(f"{spec.label}: not there, skipped (optional)")
             continue
         images = open_guard_suite(ctx, spec)
         suites.append(Suite(images.name, "guard", images, text_head(loaded, images.classnames, spec.templates), spec.max_drop_pp))

@@ -7,13 +7,14 @@ left unset (None) never overrides anything (see `with_overrides`).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
 
-from ._typed import from_plain, to_plain
+from ._typed import from_plain, ranged, to_plain
 from .errors import UsageError
 
 RECIPE_FILE = "vepatch.yaml"
@@ -32,49 +33,54 @@ class DataSpec:
     path: str  # image folder (root/<class>/*.jpg), a `datasets` save_to_disk folder, or pkg:MODULE/sub/dir
     name: str = ""  # label in reports; defaults to the folder name
     folders: dict[str, str] = field(default_factory=dict)  # folder name -> class name, where folders are not named after classes
-    max_per_class: int = 0  # keep at most this many images per class (seeded choice); 0 keeps all
+    max_per_class: int = ranged(0, lo=0)  # keep at most this many images per class (seeded choice); 0 keeps all
 
 
 @dataclass(frozen=True)
 class GuardSuite(DataSpec):
     classes: list[str] = field(default_factory=list)  # class names; empty = the folders' own names
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # '{}' or '{c}' stands for the class name
-    max_drop_pp: float = 1.0  # refuse if this suite's accuracy drops more than this (PAINT's bar), beyond noise
+    max_drop_pp: float = ranged(1.0, lo=0)  # refuse if this suite's accuracy drops more than this (PAINT's bar), beyond noise
     optional: bool = False  # a missing folder is skipped with a note instead of an error
+
+    @property
+    def label(self) -> str:
+        """The suite's name in reports and verdicts: `name`, else its folder's (or built-in's) name."""
+        return self.name or PurePosixPath(self.path.split(":", 1)[-1].rstrip("/")).name or self.path
 
 
 @dataclass(frozen=True)
 class DiagnoseSpec:
-    fc1_fraction: float = 0.1  # per-layer top-s share of fc1 entries selected (LoRSU paper: 10%)
-    heads_per_layer: int = 2  # per-layer top-k attention heads selected (LoRSU paper: 2)
-    max_samples: int = 1000  # gradient scoring uses at most this many images (as LoRSU's code)
-    batch_size: int = 32  # images per backward pass while scoring
+    fc1_fraction: float = ranged(0.1, lo=0, hi=1, lo_open=True)  # per-layer top-s share of fc1 entries selected (LoRSU paper: 10%)
+    heads_per_layer: int = ranged(2, lo=0)  # per-layer top-k attention heads selected (LoRSU paper: 2)
+    max_samples: int = ranged(1000, lo=1)  # gradient scoring uses at most this many images (as LoRSU's code)
+    batch_size: int = ranged(32, lo=1)  # images per backward pass while scoring
     control: Literal["none", "random"] = "none"  # 'random': same budget at random places (the localization control)
 
 
 @dataclass(frozen=True)
 class ApplySpec:
     method: str = "lorsu"  # a name from vepatch/methods/ (`vepatch apply --help` lists them)
-    shots: int = 16  # training images per class, sampled from the shot pool
-    holdout_per_class: int = 0  # target holdout images per class; 0 = every pool image not used for shots
-    epochs: int = 30  # passes over the shots
-    batch_size: int = 16  # images per optimizer step
-    lr: float = 0.0  # Adam learning rate (cosine decay to lr/10, per step); 0 = the method's own (Method.lr)
-    rank: int = 8  # LoRA rank r for heads, projection and the `lora` baseline
-    lora_alpha: float = 8.0  # LoRA alpha (scale alpha/r)
-    augment_scale: float = 0.5  # training crops: RandomResizedCrop with this minimum area share; 1.0 = no augmentation
+    shots: int = ranged(16, lo=1)  # training images per class, sampled from the shot pool
+    holdout_per_class: int = ranged(0, lo=0)  # target holdout images per class; 0 = every pool image not used for shots
+    epochs: int = ranged(30, lo=1)  # passes over the shots
+    batch_size: int = ranged(16, lo=1)  # images per optimizer step
+    lr: float = ranged(0.0, lo=0)  # Adam learning rate (cosine decay to lr/10, per step); 0 = the method's own (Method.lr)
+    rank: int = ranged(8, lo=1)  # LoRA rank r for heads, projection and the `lora` baseline
+    lora_alpha: float = ranged(8.0, lo=0, lo_open=True)  # LoRA alpha (scale alpha/r)
+    augment_scale: float = ranged(0.5, lo=0, hi=1, lo_open=True)  # training crops: RandomResizedCrop with this minimum area share; 1.0 = no augmentation
     train_biases: bool = False  # also train fc1 and Q/K/V biases, unmasked (LoRSU's official code does)
     loss: Literal["ce", "contrastive"] = "ce"  # 'ce': cross-entropy over the frozen class-text head; 'contrastive': CLIP loss, random templates
-    l2: float = 0.0  # weight of the L2 penalty on the delta
+    l2: float = ranged(0.0, lo=0)  # weight of the L2 penalty on the delta
     # how an update keeps earlier fixes (README "Continual"): 'replay' = shots from every class
     # labelled so far; 'batch-classes' = tonight's classes, cross-entropy over the classes
     # present in each batch; 'distill' = tonight's classes + KL to the parent on reference
     # images; 'none' = tonight's classes, plain cross-entropy. Outside a cycle, only the loss
     # part (batch-classes) and distillation (with `reference:`) apply.
     retain: Literal["replay", "batch-classes", "distill", "none"] = "replay"
-    distill: float = 1.0  # weight of KL(parent || candidate) when apply.retain is 'distill'
-    distill_images: int = 256  # reference images kept in memory for distillation
-    wise_alpha: float = 0.5  # full+wise: weight of the fine-tuned model in the average (WiSE-FT's default)
+    distill: float = ranged(1.0, lo=0)  # weight of KL(parent || candidate) when apply.retain is 'distill'
+    distill_images: int = ranged(256, lo=1)  # reference images kept in memory for distillation
+    wise_alpha: float = ranged(0.5, lo=0, hi=1)  # full+wise: weight of the fine-tuned model in the average (WiSE-FT's default)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @property
@@ -88,19 +94,19 @@ class ApplySpec:
 class GuardSpec:
     suites: list[GuardSuite] = field(default_factory=list)  # what the model must keep doing well
     min_target_gain_pp: float = 2.0  # target-holdout accuracy must rise at least this much
-    max_mean_drop_pp: float = 0.5  # mean drop over guard suites may not exceed this
-    alpha: float = 0.05  # a drop beyond the bar counts if a one-sided exact McNemar test says so at this level
+    max_mean_drop_pp: float = ranged(0.5, lo=0)  # mean drop over guard suites may not exceed this
+    alpha: float = ranged(0.05, lo=0, hi=1, lo_open=True)  # a drop beyond the bar counts if a one-sided exact McNemar test says so at this level
     # a suite too small for the test to detect its own bar (30 images cannot tell 1 pp from
     # noise): 'strict' = its raw drop decides, no test; 'lenient' = test it anyway (it can hardly fail)
     small_suites: Literal["strict", "lenient"] = "strict"
-    strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # lambda values tried
-    holdout_max_drop_pp: float = 1.0  # bar for the holdouts of earlier accepted versions (they guard too)
+    strengths: list[float] = ranged(factory=lambda: [0.25, 0.5, 0.75, 1.0], lo=0, hi=1, lo_open=True, nonempty=True)  # lambda values tried
+    holdout_max_drop_pp: float = ranged(1.0, lo=0)  # bar for the holdouts of earlier accepted versions (they guard too)
 
 
 @dataclass(frozen=True)
 class CycleSpec:
-    holdout_share: float = 0.3  # of each class's new images, set aside as tonight's target holdout (never trained on)
-    max_same_failure: int = 2  # a cycle failing this many times in a row with the same error is set aside
+    holdout_share: float = ranged(0.3, lo=0, hi=1, lo_open=True, hi_open=True)  # of each class's new images, set aside as tonight's target holdout (never trained on)
+    max_same_failure: int = ranged(2, lo=1)  # a cycle failing this many times in a row with the same error is set aside
 
 
 @dataclass(frozen=True)
@@ -111,8 +117,8 @@ class Recipe:
     shot_pool: DataSpec | None = None  # labelled target images for apply's shots and holdout (cycle: optional extra pool)
     reference: DataSpec | None = None  # images to distill the parent on (apply.retain: distill); never a guard suite
     inbox: str = "inbox"  # where operators drop misclassified images (<class>/*.jpg), for `cycle`
-    seed: int = 0  # one seed for sampling, masks and training
-    batch_size: int = 32  # images per forward pass in eval and guard (fastest on the CPU: README, Speed)
+    seed: int = ranged(0, lo=0)  # one seed for sampling, masks and training
+    batch_size: int = ranged(32, lo=1)  # images per forward pass in eval and guard (fastest on the CPU: README, Speed)
     diagnose: DiagnoseSpec = field(default_factory=DiagnoseSpec)
     apply: ApplySpec = field(default_factory=ApplySpec)
     guard: GuardSpec = field(default_factory=GuardSpec)
@@ -147,6 +153,15 @@ def check_recipe(recipe: Recipe, where: str = "flags") -> Recipe:
         close = difflib.get_close_matches(recipe.apply.method, list(REGISTRY), n=1)
         raise UsageError(f"{where}: apply.method '{recipe.apply.method}' is not a method",
                          f"did you mean '{close[0]}'?" if close else f"use one of: {', '.join(REGISTRY)}")
+    names: dict[str, str] = {}
+    for suite in recipe.guard.suites:
+        if suite.label == "target-holdout" or re.fullmatch(r"v\d+-holdout", suite.label):
+            raise UsageError(f"{where}: guard suite name '{suite.label}' ({suite.path}) is reserved for holdouts",
+                             "give the suite another `name:`")
+        if suite.label in names:
+            raise UsageError(f"{where}: guard suites {names[suite.label]} and {suite.path} are both named '{suite.label}'",
+                             "give one of them its own `name:`")
+        names[suite.label] = suite.path
     return recipe
 
 
