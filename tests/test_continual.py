@@ -55,10 +55,12 @@ def test_a_cycle_trains_on_the_drops_and_never_on_a_holdout(make_workspace, vit_
         assert report["new_images"] == 12 and report["holdout_images"] == 3  # 30% of 4 per class, floored
         m = _manifest(root, report["candidate_id"])
         tonight = ws.cycle_train(report["cycle_id"])
-        assert sorted(f for f in m.train_files if f.startswith(str(tonight))) == sorted(str(p) for p in tonight.rglob("*.png"))
-        assert len(m.holdout.sources) == 3 and all(s.startswith(str(ws.cycle_holdout(report["cycle_id"]))) for s in m.holdout.sources)
-        holdouts |= set(m.holdout.sources)
-        trained.append(set(m.train_files))
+        files, held = [str(root / f) for f in m.train_files], [str(root / s) for s in m.holdout.sources]
+        assert not [f for f in m.train_files + m.holdout.sources if Path(f).is_absolute()]  # stored relative: movable
+        assert sorted(f for f in files if f.startswith(str(tonight))) == sorted(str(p) for p in tonight.rglob("*.png"))
+        assert len(held) == 3 and all(s.startswith(str(ws.cycle_holdout(report["cycle_id"]))) for s in held)
+        holdouts |= set(held)
+        trained.append(set(files))
     assert not holdouts & (trained[0] | trained[1])  # no holdout image, of this night or an earlier one, is trained on
     # replay: the second night tops tonight's 3 images per class up to 4 shots with the first night's
     assert len(trained[1]) == 12 and len(trained[0] & trained[1]) == 3
@@ -262,7 +264,7 @@ def test_too_few_new_images_wait_in_the_pool_for_the_next_night(make_workspace, 
     assert len(pooled) == 3 and not [p for p in (root / "inbox").rglob("*.png")]
     _drop(root, seed=41)
     second = json.loads(_cycle(root).stdout)
-    assert pooled <= set(_manifest(root, second["candidate_id"]).train_files)
+    assert pooled <= {str(root / f) for f in _manifest(root, second["candidate_id"]).train_files}
 
 
 def test_a_holdout_image_is_not_trained_on_through_the_shot_pool_either(make_workspace, vit_bundle, tmp_path):
@@ -280,8 +282,8 @@ def test_a_holdout_image_is_not_trained_on_through_the_shot_pool_either(make_wor
     shutil.copytree(pool, root / "inbox")  # operators drop images the shot pool also holds
     report = json.loads(_cycle(root).stdout)
     m = _manifest(root, report["candidate_id"])
-    held = {file_sha256(Path(s)) for s in m.holdout.sources}
-    assert len(held) == 3 and not held & {file_sha256(Path(s)) for s in m.train_files}
+    held = {file_sha256(root / s) for s in m.holdout.sources}
+    assert len(held) == 3 and not held & {file_sha256(root / s) for s in m.train_files}
 
 
 def test_an_accepted_versions_holdout_is_never_trained_on_by_a_cycle(make_workspace, vit_bundle, tmp_path):
@@ -301,7 +303,7 @@ def test_an_accepted_versions_holdout_is_never_trained_on_by_a_cycle(make_worksp
     v1_holdout = {file_sha256(Path(s)) for s in store.read_manifest(Workspace(root), "v1").holdout.sources}
     shutil.copytree(pool, root / "inbox")  # the same images come back as drops, v1's holdout among them
     report = json.loads(_cycle(root).stdout)
-    trained = {file_sha256(Path(s)) for s in _manifest(root, report["candidate_id"]).train_files}
+    trained = {file_sha256(root / s) for s in _manifest(root, report["candidate_id"]).train_files}
     assert len(v1_holdout) == 9 and not v1_holdout & trained
 
 

@@ -94,8 +94,15 @@ def test_guard_accepts_writes_version_and_export_loads_in_open_clip(make_workspa
     result, out = _invoke("verify", "-C", str(root), "--json")
     assert result.exit_code == 0 and out["ok"], result.output
 
+    result, _ = _invoke("export", "v1", "--out", str(vit_bundle), "-C", str(root))
+    assert result.exit_code == 2 and "base model's own bundle" in result.output
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    result, _ = _invoke("export", "v1", "--out", str(tmp_path / "notes"), "-C", str(root))
+    assert result.exit_code == 2 and "--force" in result.output
     result, _ = _invoke("export", "v1", "--out", str(tmp_path / "exp"), "-C", str(root))
     assert result.exit_code == 0, result.output
+    assert _invoke("export", "v1", "--out", str(tmp_path / "exp"), "-C", str(root))[0].exit_code == 0  # over an export: fine
     plain = open_clip.create_model(f"local-dir:{tmp_path / 'exp'}").eval()
     from vepatch.context import open_context
 
@@ -239,12 +246,17 @@ def test_export_peft_for_a_plain_lora_patch(make_workspace, vit_bundle, tmp_path
     root = _ws(make_workspace, vit_bundle, tmp_path, epochs=2)
     assert _invoke("apply", "-C", str(root), "--diagnosis", "none", "--method", "lora")[0].exit_code == 0
     assert _invoke("guard", "-C", str(root))[0].exit_code == 0
+    # the recipe changes after training: the export must use what the patch was trained with
+    (root / "vepatch.yaml").write_text((root / "vepatch.yaml").read_text().replace("rank: 4", "rank: 16"))
     result, _ = _invoke("export", "v1", "--format", "peft", "--out", str(tmp_path / "adapter"), "-C", str(root))
     assert result.exit_code == 0, result.output
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 4.0
     model = load_model(f"local-dir:{vit_bundle}").model
-    targets = ["visual." + t for t in lora_targets(model.visual)]
-    inject_adapter_in_model(LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=targets), model)
+    assert sorted(cfg["target_modules"]) == sorted("visual." + t for t in lora_targets(model.visual))
+    inject_adapter_in_model(LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"]), model)
+    adapted = {n.rsplit(".lora_", 1)[0] for n, _ in model.named_parameters() if ".lora_" in n}
+    assert adapted and all(n.startswith("visual.") for n in adapted)  # never the text tower
     weights = {k.removeprefix("base_model.model."): v for k, v in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).items()}
     set_peft_model_state_dict(model, weights)
     ours, _ = open_context(root).model("v1")
@@ -286,3 +298,40 @@ def test_apply_reuses_only_a_diagnosis_that_matches_its_method_and_budget(make_w
     assert runner.invoke(app, ["diagnose", str(errors), "-C", str(root)]).exit_code == 0
     result, manifest = _invoke("apply", "-C", str(root), "--json")
     assert manifest["diagnosis"] == sorted((root / ".vepatch" / "diagnoses").glob("*.json"))[-1].name
+
+
+def test_a_moved_workspace_keeps_its_holdouts(make_workspace, vit_bundle, tmp_path):
+    """Holdouts inside the workspace are stored relative to it: v1's still guards after a move."""
+    import shutil
+
+    root = make_workspace(vit_bundle, shot_pool=DataSpec(path="pool", name="pool"),
+                          apply=ApplySpec(shots=6, epochs=1, batch_size=6, augment_scale=1.0),
+                          guard=GuardSpec(min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0],
+                                          holdout_max_drop_pp=100.0))
+    tiny.make_folder(root / "pool", 14, seed=5)
+    assert _invoke("apply", "-C", str(root), "--diagnosis", "none")[0].exit_code == 0
+    assert _invoke("guard", "-C", str(root))[0].exit_code == 0
+    moved = tmp_path / "moved"
+    shutil.move(str(root), str(moved))
+    assert _invoke("apply", "-C", str(moved), "--diagnosis", "none")[0].exit_code == 0
+    result, report = _invoke("guard", "-C", str(moved), "--json")
+    assert result.exit_code == 0, result.output
+    names = {s["name"] for s in report["trials"][0]["suites"]}
+    assert "v1-holdout" in names
+
+
+def test_gc_lists_then_removes_refused_promoted_and_bench_candidates_never_a_version(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=1)
+    ws = store.Workspace(root)
+    promoted = _invoke("apply", "-C", str(root), "--diagnosis", "none", "--json")[1]["candidate_id"]
+    assert _invoke("guard", "-C", str(root))[0].exit_code == 0
+    bench = _invoke("apply", "-C", str(root), "--diagnosis", "none", "--origin", "bench", "--json")[1]["candidate_id"]
+    waiting = _invoke("apply", "-C", str(root), "--diagnosis", "none", "--json")[1]["candidate_id"]
+    result, listed = _invoke("gc", "-C", str(root), "--json")
+    assert result.exit_code == 0 and not listed["deleted"]
+    assert {p["path"].split("/")[-1] for p in listed["items"]} == {promoted, bench}
+    assert set(store.candidates(ws)) == {promoted, bench, waiting}  # a dry run deletes nothing
+    result, _ = _invoke("gc", "-C", str(root), "--yes")
+    assert result.exit_code == 0, result.output
+    assert store.candidates(ws) == [waiting] and store.versions(ws) == ["v1"]
+    assert _invoke("verify", "-C", str(root), "--json")[1]["ok"]

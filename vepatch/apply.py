@@ -27,6 +27,7 @@ from .models import LoadedModel
 from .models.heads import text_head
 from .models.towers import Tower, describe_tower
 from .recipe import DiagnoseSpec, Recipe
+from .workspace import Workspace
 from .records import Diagnosis, HoldoutRef, PatchManifest, read_record
 
 
@@ -56,11 +57,12 @@ def plan_from_pool(ctx: Context, recipe: Recipe, folder: Optional[Path] = None) 
     if not holdout_idx:
         raise DataError(f"{pool.root}: no image left for the target holdout", "lower --shots or add images to the pool")
     holdout = pool.subset(holdout_idx, "target-holdout")
-    return ShotPlan(pool.subset(train_idx, "shots"), holdout_ref(holdout, pool.name, recipe))
+    return ShotPlan(pool.subset(train_idx, "shots"), holdout_ref(holdout, pool.name, recipe, ctx.workspace))
 
 
-def holdout_ref(holdout: ImageSet, name: str, recipe: Recipe) -> HoldoutRef:
-    return HoldoutRef(name, list(holdout.classnames), list(recipe.templates), [s.source for s in holdout.samples], holdout.labels)
+def holdout_ref(holdout: ImageSet, name: str, recipe: Recipe, ws: Workspace) -> HoldoutRef:
+    return HoldoutRef(name, list(holdout.classnames), list(recipe.templates),
+                      [ws.portable(s.source) for s in holdout.samples], holdout.labels)
 
 
 def mismatch(d: Diagnosis, fingerprint_: str, spec: DiagnoseSpec) -> str:
@@ -173,7 +175,7 @@ def run_apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan] = None, dia
         seed=recipe.seed,
         shots_hash=shots.content_hash(),
         holdout=plan.holdout,
-        train_files=[s.source for s in shots.samples],
+        train_files=[ctx.workspace.portable(s.source) for s in shots.samples],
         cycle=plan.cycle,
         origin="cycle" if plan.cycle else origin,
         diagnosis=diagnosis_file,

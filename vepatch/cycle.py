@@ -232,14 +232,15 @@ def plan_cycle(ctx: Context, state: CycleState) -> ShotPlan:
         chosen += rng.sample(earlier, max(0, min(len(earlier), recipe.apply.shots - have)))
     others = [i for i, s in enumerate(pool.samples) if s.label not in tonight_classes]
     holdout = holdout_set(ctx, state)
-    return ShotPlan(pool.subset(sorted(chosen), "shots"), holdout_ref(holdout, f"cycle {state.cycle_id}", recipe),
+    return ShotPlan(pool.subset(sorted(chosen), "shots"), holdout_ref(holdout, f"cycle {state.cycle_id}", recipe, ctx.workspace),
                     state.cycle_id, pool.subset(others, "reference") if others else None)
 
 
 def version_holdouts(ctx: Context) -> set[str]:
     """Content hashes of every accepted version's target holdout (files that still exist): they
     guard later patches, so no cycle may train on them."""
-    paths = {Path(s) for v in store.versions(ctx.workspace) for s in store.read_manifest(ctx.workspace, v).holdout.sources}
+    ws = ctx.workspace
+    paths = {ws.root / s for v in store.versions(ws) for s in store.read_manifest(ws, v).holdout.sources}
     return {file_sha256(p) for p in paths if p.is_file()}
 
 

@@ -230,16 +230,17 @@ def split_shots(
     return sorted(train), sorted(holdout)
 
 
-def open_holdout(ref: HoldoutRef) -> ImageSet:
+def open_holdout(ref: HoldoutRef, workspace_root: Path) -> ImageSet:
     """The images a manifest recorded as its target holdout (image files, or rows of a saved
-    dataset: 'root#index')."""
-    if ref.sources and "#" in ref.sources[0]:
-        root = ref.sources[0].rsplit("#", 1)[0]
+    dataset: 'root#index'); relative sources lie in the workspace (Workspace.portable)."""
+    sources = [str(workspace_root / s) for s in ref.sources]  # an absolute source stays as it is
+    if sources and "#" in sources[0]:
+        root = sources[0].rsplit("#", 1)[0]
         full = open_image_set(Path(root), ref.classnames, name=ref.name)
         by_source = {s.source: i for i, s in enumerate(full.samples)}
-        return full.subset([by_source[s] for s in ref.sources], ref.name)
-    root = str(Path(ref.sources[0]).parent.parent) if ref.sources else ""
-    return ImageSet(ref.name, root, list(ref.classnames), [Sample(s, y) for s, y in zip(ref.sources, ref.labels)])
+        return full.subset([by_source[s] for s in sources], ref.name)
+    root = str(Path(sources[0]).parent.parent) if sources else ""
+    return ImageSet(ref.name, root, list(ref.classnames), [Sample(s, y) for s, y in zip(sources, ref.labels)])
 
 
 class TorchImages:

@@ -28,12 +28,28 @@ def _source_config(ref: str) -> tuple[dict, Path | None]:
     return json.loads((folder / "open_clip_config.json").read_text()), folder
 
 
-def export_bundle(loaded: LoadedModel, ref: str, out: Path, version: str) -> Path:
+EXPORT_MARKERS = ("open_clip_config.json", "adapter_config.json")  # what an earlier export left
+
+
+def check_out(out: Path, force: bool, base_folder: Path | None = None) -> Path:
+    """Where an export may write: never the base model's own bundle, never a folder holding
+    something other than an earlier export unless `force`."""
+    out = out.resolve()
+    if base_folder is not None and (out == base_folder.resolve() or base_folder.resolve() in out.parents):
+        raise UsageError(f"{out}: is the base model's own bundle", "export to another folder (--out)")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: is a file", "export to a folder (--out)")
+    if out.is_dir() and any(out.iterdir()) and not force and not any((out / m).is_file() for m in EXPORT_MARKERS):
+        raise UsageError(f"{out}: is not empty and holds no earlier export", "export to a new folder, or pass --force")
+    return out
+
+
+def export_bundle(loaded: LoadedModel, ref: str, out: Path, version: str, force: bool = False) -> Path:
     """Write open_clip_config.json + open_clip_model.safetensors of the merged model."""
     from safetensors.torch import save
 
     config, folder = _source_config(ref)
-    out = out.resolve()
+    out = check_out(out, force, folder)
     out.mkdir(parents=True, exist_ok=True)
     text_cfg = config["model_cfg"].get("text_cfg", {})
     if folder is not None and text_cfg.get("hf_model_name"):
@@ -51,19 +67,22 @@ def export_bundle(loaded: LoadedModel, ref: str, out: Path, version: str) -> Pat
     return out
 
 
-def export_peft(delta, out: Path, rank: int, alpha: float) -> Path:
-    """A plain-LoRA delta as a peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
+def export_peft(delta, out: Path, rank: int, alpha: float, force: bool = False) -> Path:
+    """A plain-LoRA delta as a peft adapter folder (adapter_config.json + adapter_model.safetensors).
+    `rank` and `alpha` are the ones the patch was trained with (its manifest's recipe);
+    target_modules are full module names, so they match the vision tower only."""
     from safetensors.torch import save
 
     from . import __version__
 
     if any(not k.endswith(("#lowrank.up", "#lowrank.down")) for k in delta.tensors):
         raise UsageError("this patch is not plain LoRA", "use the default bundle export (--format open_clip)")
+    out = check_out(out, force)
     out.mkdir(parents=True, exist_ok=True)
     tensors, targets = {}, set()
     for name in delta.params:
         module = name.removesuffix(".weight")
-        targets.add(module.split(".")[-1])
+        targets.add(module)
         up = delta.tensors[f"{name}#lowrank.up"] / (alpha / rank)  # peft applies the scale itself
         tensors[f"base_model.model.{module}.lora_A.weight"] = delta.tensors[f"{name}#lowrank.down"].contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = up.contiguous()

@@ -178,7 +178,7 @@ def guard_suites(ctx: Context, loaded: LoadedModel, manifest: PatchManifest, bas
     """The candidate's target holdout, the recipe's guard suites and, after the first accepted
     fix, every earlier version's holdout (a later patch may not undo an earlier fix)."""
     recipe, notes = ctx.recipe, []
-    target = open_holdout(manifest.holdout)
+    target = open_holdout(manifest.holdout, ctx.workspace.root)
     suites = [Suite("target-holdout", "target", target, text_head(loaded, target.classnames, manifest.holdout.templates), 0.0)]
     for spec in recipe.guard.suites:
         if spec.optional and not ctx.resolve(spec.path).is_dir():
@@ -188,7 +188,7 @@ def guard_suites(ctx: Context, loaded: LoadedModel, manifest: PatchManifest, bas
         suites.append(Suite(images.name, "guard", images, text_head(loaded, images.classnames, spec.templates), spec.max_drop_pp))
     for v in store.chain(ctx.workspace, baseline):
         ref = store.read_manifest(ctx.workspace, v).holdout
-        images = open_holdout(dataclasses.replace(ref, name=f"{v}-holdout"))
+        images = open_holdout(dataclasses.replace(ref, name=f"{v}-holdout"), ctx.workspace.root)
         suites.append(Suite(images.name, "guard", images, text_head(loaded, images.classnames, ref.templates),
                             recipe.guard.holdout_max_drop_pp))
     return suites, notes

@@ -95,7 +95,7 @@ def measure_head(ctx: Context, name: str, status: str, cycle_id: str, cycles: di
     chain = store.chain(ws, version)
     for v in chain:
         ref = store.read_manifest(ws, v).holdout
-        images = open_holdout(ref)
+        images = open_holdout(ref, ws.root)
         targets[f"{v}:{ref.name}"] = accuracy(images, ref.templates)
     guards = {}
     for spec in ctx.recipe.guard.suites:

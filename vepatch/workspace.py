@@ -138,6 +138,14 @@ class Workspace:
 
         return resolve_path(path, self.root)
 
+    def portable(self, source: str) -> str:
+        """A file (or 'file#row') as the store records it: relative to the workspace when it
+        lies inside, so a moved workspace keeps every holdout; absolute otherwise."""
+        try:
+            return str(Path(source).absolute().relative_to(self.root.absolute()))
+        except ValueError:
+            return source
+
     def log(self, event: str, **fields) -> None:
         record = {"time": clock.iso(), "event": event, "vepatch": __version__, **fields}
         append_line(self.log_path, record)

@@ -1,4 +1,4 @@
-"""Store commands: log, show, rollback, export, verify."""
+"""Store commands: log, show, rollback, export, verify, gc."""
 
 from __future__ import annotations
 
@@ -92,6 +92,7 @@ def export(
     version: Annotated[str, typer.Argument(help="vN (or base).")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write.")],
     fmt: Annotated[str, typer.Option("--format", help="open_clip (merged local-dir: bundle) or peft (plain-LoRA patches).")] = "open_clip",
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty folder that holds no earlier export.")] = False,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ):
@@ -108,10 +109,11 @@ def export(
             raise UsageError("--format peft exports one patch on the base", "export a v1-on-base patch, or use --format open_clip")
         manifest = store.read_manifest(ctx.workspace, version)
         delta = store.load_delta(store.version_dir(ctx.workspace, version) / store.PATCH_FILE, manifest.patch_sha256)
-        path = export_peft(delta, out_dir, ctx.recipe.apply.rank, ctx.recipe.apply.lora_alpha)
+        trained = manifest.recipe.apply
+        path = export_peft(delta, out_dir, trained.rank, trained.lora_alpha, force)
     elif fmt == "open_clip":
         loaded, name = ctx.model(version)
-        path = export_bundle(loaded, ctx.recipe.model.ref, out_dir, name)
+        path = export_bundle(loaded, ctx.recipe.model.ref, out_dir, name, force)
     else:
         raise UsageError(f"unknown format '{fmt}'", "use --format open_clip or --format peft")
     ctx.workspace.log("export", version=version, out=str(path), format=fmt)
@@ -145,3 +147,39 @@ def verify(
         out.print("store verifies" if not problems else f"{len(problems)} problem(s)")
     if problems:
         raise typer.Exit(1)
+
+
+@command
+def gc(
+    yes: Annotated[bool, typer.Option("--yes", help="Delete (without it, only list what would go).")] = False,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """List (or, with --yes, delete) what the store no longer needs: refused, promoted and
+    bench candidates, older diagnoses, temp folders left by a crash. Never a version, a cycle
+    or a candidate waiting for `vepatch guard`.
+
+    Example: vepatch gc && vepatch gc --yes
+    """
+    from .. import gc as collector
+
+    ws = find_workspace(workspace)
+    with ws.lock():
+        items = collector.collect(ws)
+        freed = collector.remove(ws, items) if yes else 0
+        if yes:
+            ws.log("gc", removed=len(items), bytes=freed)
+    total = sum(i.nbytes for i in items)
+    if as_json:
+        emit_json({"deleted": yes, "items": [{"path": str(i.path.relative_to(ws.root)), "why": i.why, "bytes": i.nbytes}
+                                             for i in items], "bytes": total})
+        return
+    for i in items:
+        out.print(f"{'deleted' if yes else 'would delete'} {i.path.relative_to(ws.root)}  ({i.why}, {i.nbytes / 1e6:.1f} MB)",
+                  markup=False, highlight=False)
+    if not items:
+        out.print("nothing to delete")
+    elif not yes:
+        out.print(f"{len(items)} items, {total / 1e6:.1f} MB. next: vepatch gc --yes")
+    else:
+        out.print(f"freed {freed / 1e6:.1f} MB")
