@@ -3,6 +3,7 @@ touched module, the on-disk baseline cache, and sharding over torchrun processes
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -130,11 +131,12 @@ def test_torchrun_sharded_guard_equals_one_process(make_workspace, vit_bundle, t
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     vp = [sys.executable, "-m", "vepatch"]
     assert subprocess.run([*vp, "apply", "-C", str(root), "--diagnosis", "none"], env=env, capture_output=True).returncode == 0
+    twin = tmp_path / "twin"  # a candidate is judged once: the sharded run judges its own copy, cache-less
+    shutil.copytree(root, twin)
     one = subprocess.run([*vp, "guard", "-C", str(root), "--no-promote", "--json"], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    (root / ".vepatch" / "cache").rename(tmp_path / "cache-one")  # the sharded run computes everything again
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "vepatch", "guard", "-C", str(root), "--no-promote", "--json"],
+                          "-m", "vepatch", "guard", "-C", str(twin), "--no-promote", "--json"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = json.loads(one.stdout), json.loads(two.stdout.strip().splitlines()[-1])

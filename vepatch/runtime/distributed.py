@@ -78,5 +78,10 @@ def all_true(flag: bool) -> bool:
 
 
 def shutdown() -> None:
+    """Leave the group together: rank 0 still writes the store after the last collective, and a
+    rank that tore its gloo pairs down meanwhile could abort the other (SIGABRT, seen on a
+    loaded machine), so every rank waits at a barrier first."""
     if dist.is_available() and dist.is_initialized():
+        if active():
+            dist.barrier()
         dist.destroy_process_group()
