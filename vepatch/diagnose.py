@@ -36,7 +36,7 @@ from .models import LoadedModel
 from .models.heads import text_head
 from .models.towers import describe_tower
 from .recipe import DiagnoseSpec, with_overrides
-from .records import BlockScore, Confusion, Diagnosis, Locus
+from .records import BlockScore, Confusion, Diagnosis, Locus, Misclassified
 
 
 def mean_gradients(
@@ -147,6 +147,8 @@ def diagnose(
             len(h) * grads[n].numel() // tower.num_heads for n, h in masks.heads.items()
         ),
         skipped=list(errors.skipped),
+        misclassified=[Misclassified(errors.samples[i].source, errors.classnames[predictions.labels[i]],
+                                     errors.classnames[predictions.preds[i]]) for i in wrong],
     )
     return diagnosis, masks
 

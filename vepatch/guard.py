@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from scipy.stats import binomtest
 
-from . import clock, store
+from . import clock, evidence, store
 from .context import Context, open_guard_suite
 from .data import ImageSet, open_holdout
 from .delta import Delta, apply_delta, patched_fingerprint, restore
+from .evidence import Evidence, SuiteEvidence
 from .evaluate import predict
 from .models import LoadedModel
 from .models.heads import text_head
@@ -230,14 +231,17 @@ def run_guard(ctx: Context, candidate_id: Optional[str], baseline: Optional[str]
         )
         if not distributed.is_writer():  # under torchrun, rank 0 alone writes
             return report
+        proof = evidence.to_bytes(Evidence(shown.strength, [SuiteEvidence(s.name, s.role, list(s.images.classnames),
+                                                 [ws.portable(x.source) for x in s.images.samples], base[s.name].labels,
+                                                 base[s.name].preds, preds[shown.strength][s.name].preds) for s in suites]))
         version = ""
         if best:  # the version first: a crash before the verdict below leaves a findable version (store.version_of)
             scaled = delta.scaled(best.strength)
             fp = patched_fingerprint(parent.model, scaled)
             version = store.write_version(ws, dataclasses.replace(manifest, strength=best.strength, fingerprint=fp),
-                                          scaled, report, make_current=make_current)
+                                          scaled, report, proof, make_current=make_current)
             report = dataclasses.replace(report, version=version)
-        store.write_verdict(ws, manifest.candidate_id, report)
+        store.write_verdict(ws, manifest.candidate_id, report, proof)
         ws.log("guard", candidate=manifest.candidate_id, baseline=baseline, accepted=report.accepted,
                strength=report.strength, version=version, reason=report.reason)
         if version:

@@ -57,6 +57,13 @@ class Confusion:
 
 
 @dataclass(frozen=True)
+class Misclassified:
+    source: str  # the image file (or dataset row)
+    true: str
+    predicted: str
+
+
+@dataclass(frozen=True)
 class Locus:
     """One place in the vision tower that the diagnosis blames."""
 
@@ -98,6 +105,7 @@ class Diagnosis:
     masks_file: str  # safetensors beside this record: one boolean mask per parameter
     selected_params: int  # entries the masks select in total
     skipped: list[SkippedFile] = field(default_factory=list)
+    misclassified: list[Misclassified] = field(default_factory=list)  # every error image and what it was taken for
     schema_version: int = SCHEMA_VERSION
 
 

@@ -21,7 +21,7 @@ from .errors import NothingToDo, StoreError, UsageError
 from .fsio import fsync_dir, write_bytes_atomic, write_text_atomic
 from .models import LoadedModel, fingerprint
 from .records import GuardReport, PatchManifest, read_record, to_json
-from .workspace import CANDIDATE_FILE, DELTA_FILE, GUARD_FILE, MANIFEST_FILE, PATCH_FILE, Workspace
+from .workspace import CANDIDATE_FILE, DELTA_FILE, EVIDENCE_FILE, GUARD_FILE, MANIFEST_FILE, PATCH_FILE, Workspace
 
 VERSION_RE = re.compile(r"^v(\d+)$")
 
@@ -138,8 +138,10 @@ def write_candidate(ws: Workspace, manifest: PatchManifest, delta_bytes: bytes) 
     return folder
 
 
-def write_verdict(ws: Workspace, candidate_id: str, report: GuardReport) -> None:
-    """The guard's verdict, beside the candidate it judged."""
+def write_verdict(ws: Workspace, candidate_id: str, report: GuardReport, evidence: bytes) -> None:
+    """The guard's verdict and its per-example evidence, beside the candidate it judged
+    (evidence first: guard.json is what marks a candidate judged)."""
+    write_bytes_atomic(ws.candidate_dir(candidate_id) / EVIDENCE_FILE, evidence)
     write_text_atomic(ws.candidate_dir(candidate_id) / GUARD_FILE, to_json(report))
 
 
@@ -201,7 +203,8 @@ def read_candidate(ws: Workspace, candidate_id: str) -> tuple[PatchManifest, Del
 # --- versions -----------------------------------------------------------------------------
 
 
-def write_version(ws: Workspace, manifest: PatchManifest, delta: Delta, report: GuardReport, make_current: bool = True) -> str:
+def write_version(ws: Workspace, manifest: PatchManifest, delta: Delta, report: GuardReport, evidence: bytes,
+                  make_current: bool = True) -> str:
     """Write an accepted candidate (delta already scaled to the chosen strength) as the next vN."""
     number = (int(versions(ws)[-1][1:]) if versions(ws) else 0) + 1
     version = f"v{number}"
@@ -212,6 +215,7 @@ def write_version(ws: Workspace, manifest: PatchManifest, delta: Delta, report: 
     manifest = dataclasses.replace(manifest, version=version, patch_sha256=sha256_bytes(data), patch_bytes=len(data))
     report = dataclasses.replace(report, version=version)
     write_bytes_atomic(staging / PATCH_FILE, data)
+    write_bytes_atomic(staging / EVIDENCE_FILE, evidence)
     write_text_atomic(staging / GUARD_FILE, to_json(report))
     write_text_atomic(staging / MANIFEST_FILE, to_json(manifest))  # last: marks the folder complete
     os.replace(staging, folder)

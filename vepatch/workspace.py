@@ -40,6 +40,7 @@ _HELD: dict[str, int] = {}  # workspace root -> lock depth held by this process
 SUBDIRS = ("candidates", "patches", "diagnoses")
 PATCH_FILE, MANIFEST_FILE, GUARD_FILE = "patch.safetensors", "patch.json", "guard.json"  # in patches/vNNNN/
 DELTA_FILE, CANDIDATE_FILE = "delta.safetensors", "candidate.json"  # in candidates/<id>/ (+ GUARD_FILE)
+EVIDENCE_FILE = "predictions.safetensors"  # per-example evidence, beside every GUARD_FILE (evidence.py)
 STATE_FILE = "state.json"  # in cycles/<id>/
 
 

@@ -5,7 +5,7 @@ calls one library function and renders. No loops over data, no file writing here
   options.py     options shared by several commands
   workspace.py   init, eval
   patching.py    diagnose, apply, guard
-  store.py       log, show, rollback, export, verify, gc
+  store.py       log, show, report, rollback, export, verify, gc
   cycle.py       cycle (cron), cycle --stream
   bench.py       bench, speed
   render.py      rich tables

@@ -22,6 +22,7 @@ def diagnose(
     control: Annotated[Optional[str], typer.Option("--control", help="'random': same budget at random places.")] = None,
     max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Score at most this many images.")] = None,
     top: Annotated[int, typer.Option("--top", help="Rows to show per table.")] = 12,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Also write an HTML page of the errors and the blame here.")] = None,
     workspace: WorkspaceOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
@@ -43,12 +44,17 @@ def diagnose(
         "diagnose.control": control, "diagnose.max_samples": max_samples,
     }
     diagnosis, path = run_diagnose(ctx, errors_dir, overrides)
+    if report is not None:
+        from ..fsio import write_text_atomic
+        from ..report import diagnosis_page
+
+        write_text_atomic(report, diagnosis_page(ctx.workspace.root, diagnosis))
     if as_json:
         emit_json({"file": str(path), "diagnosis": diagnosis})
         return
     for table in diagnosis_tables(diagnosis, top):
         out.print(table)
-    out.print(f"written: {path}")
+    out.print(f"written: {path}" + (f" and {report}" if report is not None else ""))
 
 
 @command

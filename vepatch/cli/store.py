@@ -1,9 +1,9 @@
-"""Store commands: log, show, rollback, export, verify, gc."""
+"""Store commands: log, show, report, rollback, export, verify, gc."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -183,3 +183,40 @@ def gc(
         out.print(f"{len(items)} items, {total / 1e6:.1f} MB. next: vepatch gc --yes")
     else:
         out.print(f"freed {freed / 1e6:.1f} MB")
+
+
+@command
+def report(
+    version: Annotated[str, typer.Argument(help="vN, or a judged candidate's id.")],
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="HTML file to write (default: reports/<name>.html in the workspace).")] = None,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """One self-contained HTML page of a verdict: per suite before/after with 95% intervals,
+    per class, the images the patch fixed and broke (thumbnails), what it touches, the diagnosis.
+
+    Example: vepatch report v1 --out v1.html
+    """
+    from .. import evidence, store
+    from ..fsio import write_text_atomic
+    from ..records import Diagnosis, GuardReport, read_record
+    from ..report import verdict_page
+
+    ws = find_workspace(workspace)
+    if store.VERSION_RE.match(version):
+        folder, manifest = store.version_dir(ws, version), store.read_manifest(ws, version)
+    else:
+        folder, (manifest, _) = ws.candidate_dir(version), store.read_candidate(ws, version)
+    if not (folder / store.GUARD_FILE).is_file():
+        raise UsageError(f"{version}: not judged yet", f"run `vepatch guard {version}` first")
+    verdict = read_record(GuardReport, folder / store.GUARD_FILE)
+    proof = evidence.read(folder / store.EVIDENCE_FILE)
+    diagnosis = None
+    if manifest.diagnosis and ws.diagnosis_file(manifest.diagnosis.removesuffix(".json")).is_file():
+        diagnosis = read_record(Diagnosis, ws.diagnosis_file(manifest.diagnosis.removesuffix(".json")))
+    path = out_file or ws.root / "reports" / f"{version}.html"
+    write_text_atomic(path, verdict_page(ws.root, manifest, verdict, proof, diagnosis))
+    if as_json:
+        emit_json({"version": version, "out": str(path)})
+    else:
+        out.print(f"written: {path}", markup=False, highlight=False)

@@ -1,0 +1,77 @@
+"""Per-example evidence of a verdict: for every suite the guard judged, each image's source,
+true label and the baseline's and the candidate's predictions (at the chosen strength; for a
+refused candidate, its best try). Written beside guard.json as predictions.safetensors: the
+labels as int16 tensors, the sources and class names as JSON in the file's metadata (one file,
+loaded without pickle; a 1,000-image suite costs ~6 KB of tensors plus its paths)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import StoreError
+
+
+@dataclass(frozen=True)
+class SuiteEvidence:
+    name: str
+    role: str  # 'target' or 'guard'
+    classnames: list[str]
+    sources: list[str]  # as the store records them (Workspace.portable)
+    labels: np.ndarray  # (n,) true class indices
+    before: np.ndarray  # (n,) the baseline's predicted class indices
+    after: np.ndarray  # (n,) the candidate's
+
+    @property
+    def fixed(self) -> np.ndarray:
+        """Indices the baseline got wrong and the candidate right."""
+        return np.flatnonzero((self.before != self.labels) & (self.after == self.labels))
+
+    @property
+    def broke(self) -> np.ndarray:
+        """Indices the baseline got right and the candidate wrong."""
+        return np.flatnonzero((self.before == self.labels) & (self.after != self.labels))
+
+
+@dataclass(frozen=True)
+class Evidence:
+    strength: float  # the lambda the candidate's predictions were made at (refused: its best try)
+    suites: list[SuiteEvidence]
+
+
+def to_bytes(proof: Evidence) -> bytes:
+    from safetensors.torch import save
+
+    suites = proof.suites
+
+    tensors, index = {}, []
+    for k, s in enumerate(suites):
+        for field in ("labels", "before", "after"):
+            tensors[f"{k}.{field}"] = torch.from_numpy(np.asarray(getattr(s, field), dtype=np.int16).copy())
+        index.append({"name": s.name, "role": s.role, "classnames": s.classnames, "sources": s.sources})
+    return save(tensors, metadata={"suites": json.dumps(index), "strength": repr(float(proof.strength))})
+
+
+def read(path: Path) -> Evidence:
+    """The evidence written beside a verdict; a missing or unreadable file is a StoreError."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise StoreError(f"{path}: no per-example evidence", "verdicts written before vepatch 0.3 have none; judge a new candidate")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta_all = f.metadata()
+            index = json.loads(meta_all["suites"])
+            out = []
+            for k, meta in enumerate(index):
+                arrays = {field: f.get_tensor(f"{k}.{field}").numpy().astype(np.int64) for field in ("labels", "before", "after")}
+                out.append(SuiteEvidence(meta["name"], meta["role"], list(meta["classnames"]), list(meta["sources"]), **arrays))
+            return Evidence(float(meta_all["strength"]), out)
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise StoreError(f"{path}: unreadable evidence ({exc})", "judge the candidate again in a fresh workspace") from None
