@@ -36,3 +36,7 @@ def test_bench_writes_json_markdown_and_plot(make_workspace, vit_bundle, tmp_pat
     (run_dir,) = list(folder.iterdir())
     assert (run_dir / "bench.md").read_text().startswith("| method")
     assert (run_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (run_dir / "bench.html").read_text()
+    assert page.count("<tr>") == 3 and "<td class=l>lorsu</td>" in page and 'src="data:image/png;base64,' in page
+    # bench candidates are never judged implicitly
+    assert CliRunner().invoke(app, ["guard", "-C", str(root)]).exit_code == 4

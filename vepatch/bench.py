@@ -20,6 +20,7 @@ from .delta import apply_delta, restore
 from .errors import VepatchError
 from .fsio import write_text_atomic
 from .guard import guard_suites, mcnemar_p, predict_all
+from .report import bench_page
 from .records import PatchManifest
 
 
@@ -102,13 +103,15 @@ def run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, ex
 
 
 def write_bench(ctx: Context, runs: list[BenchRun], methods: list[str], seeds: int) -> tuple[Path, dict]:
-    """.vepatch/bench/<utc>/: bench.json (every run and the summary), bench.md, bench.png."""
+    """.vepatch/bench/<utc>/: bench.json (every run and the summary), bench.md, bench.png, bench.html."""
     rows = summarize(runs)
     folder = ctx.workspace.bench / clock.stamp()
     result = {"runs": to_plain(runs), "summary": to_plain(rows), "device": ctx.device}
     write_text_atomic(folder / "bench.json", json.dumps(result, indent=2))
     write_text_atomic(folder / "bench.md", markdown(rows))
     plot(runs, rows, folder / "bench.png")
+    write_text_atomic(folder / "bench.html", bench_page(f"vepatch bench {folder.name} ({ctx.device})", markdown(rows),
+                                                        (folder / "bench.png").read_bytes()))
     ctx.workspace.log("bench", folder=str(folder), methods=methods, seeds=seeds)
     return folder, result
 

@@ -18,7 +18,6 @@ import os
 import random
 import signal
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, Optional
 
 from . import clock, store

@@ -228,3 +228,12 @@ def diagnosis_page(root: Path, d: Diagnosis) -> str:
                     if cells else "")
     body = (f"<h1>vepatch diagnosis {escape(d.created)}</h1>" + diagnosis_section(d) + gallery_html)
     return page(f"vepatch diagnosis {d.created}", body)
+
+
+def bench_page(title: str, markdown_table: str, png: bytes, note: str = "") -> str:
+    """bench.html: the bench's table (from its markdown) and its plot, in one page."""
+    lines = [ln.strip().strip("|").split("|") for ln in markdown_table.strip().splitlines() if ln.strip().startswith("|")]
+    head, rows = ([c.strip() for c in lines[0]], [[escape(c.strip()) for c in ln] for ln in lines[2:]]) if lines else ([], [])
+    img = f'<img alt="{escape(title)}" src="data:image/png;base64,{base64.b64encode(png).decode()}" style="max-width:100%">'
+    return page(title, f"<h1>{escape(title)}</h1>" + (f"<p>{escape(note)}</p>" if note else "")
+                + table([escape(h) for h in head], rows) + img)

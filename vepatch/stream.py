@@ -200,7 +200,7 @@ def stream_markdown(runs: list[StreamRun]) -> str:
 
 
 def write_stream_bench(ctx: Context, folder: Path, runs: list[StreamRun]) -> None:
-    """bench-stream.json (every round of every run), bench-stream.md, bench-stream.png."""
+    """bench-stream.json (every round of every run), bench-stream.md, bench-stream.png, bench-stream.html."""
     import io
     import json
 
@@ -208,6 +208,7 @@ def write_stream_bench(ctx: Context, folder: Path, runs: list[StreamRun]) -> Non
 
     from ._typed import to_plain
     from .fsio import write_bytes_atomic, write_text_atomic
+    from .report import bench_page
 
     write_text_atomic(folder / "bench-stream.json", json.dumps({"runs": to_plain(runs), "device": ctx.device}, indent=2))
     write_text_atomic(folder / "bench-stream.md", stream_markdown(runs))
@@ -229,4 +230,6 @@ def write_stream_bench(ctx: Context, folder: Path, runs: list[StreamRun]) -> Non
     fig.savefig(buffer, format="png")
     plt.close(fig)
     write_bytes_atomic(folder / "bench-stream.png", buffer.getvalue())
+    write_text_atomic(folder / "bench-stream.html", bench_page(f"vepatch continual stream {folder.name} ({ctx.device})",
+                                                               stream_markdown(runs), buffer.getvalue()))
     ctx.workspace.log("bench-stream", folder=str(folder), runs=[r.label for r in runs])  # one line per finished run
