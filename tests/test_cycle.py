@@ -54,6 +54,9 @@ def test_cycle_promotes_then_has_nothing_to_do(make_workspace, vit_bundle, tmp_p
     done = _run(root)
     report = json.loads(done.stdout)
     assert done.returncode in (0, 3) and report["status"] in ("promoted", "refused", "already-right"), done.stderr
+    if report["candidate_id"]:  # the morning's page, named after what the night made
+        page = Path(report["report_file"])
+        assert page.name == (report["version"] or report["candidate_id"]) + ".html" and "<h1>vepatch report" in page.read_text()
     assert not list((root / "inbox").rglob("*.png")) and sorted(hashes) == _archived_hashes(root)
     again = _run(root)
     assert again.returncode == 4 and json.loads(again.stdout)["status"] == "nothing-new"

@@ -65,6 +65,7 @@ class CycleReport:
     holdout_images: int = 0  # of the new images, set aside as the target holdout
     quarantined: list[Quarantined] = field(default_factory=list)  # bad drops moved aside tonight
     outcomes: list[ClassOutcome] = field(default_factory=list)  # what the (promoted) patch did on the holdout
+    report_file: str = ""  # the night's HTML page (reports/<version or candidate>.html), when a candidate was judged
 
     @property
     def exit_code(self) -> int:
@@ -162,8 +163,16 @@ def run_cycle(ctx: Context, dry_run: bool = False) -> CycleReport:
     _archive(ctx, state)
     status = ("promoted" if state.accepted else "refused" if state.candidate_id else
               "already-right" if state.holdout else "pooled")  # pooled: no image could be held out
+    page = ""
+    if state.candidate_id:  # the morning's page; a failure to draw it never fails the night
+        from .report import write_verdict_report
+
+        try:
+            page = str(write_verdict_report(ctx.workspace, state.version or state.candidate_id))
+        except Exception as exc:
+            ctx.workspace.log("report-failed", cycle=state.cycle_id, error=str(exc))
     return CycleReport(state.cycle_id, status, len(state.files), len(state.duplicates), state.candidate_id,
-                       state.version, state.reason, resumed, len(state.holdout), moved, state.outcomes)
+                       state.version, state.reason, resumed, len(state.holdout), moved, state.outcomes, page)
 
 
 def _advance(ctx: Context, state: CycleState) -> CycleState:

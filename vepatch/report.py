@@ -209,6 +209,29 @@ def verdict_page(root: Path, manifest: PatchManifest, report: GuardReport, proof
     return page(f"vepatch report {name}", "".join(parts))
 
 
+def write_verdict_report(ws, name: str, out: Optional[Path] = None) -> Path:
+    """Write the page of a judged version ('vN') or candidate (its id) to `out` (default:
+    reports/<name>.html in the workspace); returns where."""
+    from . import evidence, store
+    from .errors import UsageError
+    from .fsio import write_text_atomic
+    from .records import read_record
+
+    if store.VERSION_RE.match(name):
+        folder, manifest = store.version_dir(ws, name), store.read_manifest(ws, name)
+    else:
+        folder, (manifest, _) = ws.candidate_dir(name), store.read_candidate(ws, name)
+    if not (folder / store.GUARD_FILE).is_file():
+        raise UsageError(f"{name}: not judged yet", f"run `vepatch guard {name}` first")
+    verdict = read_record(GuardReport, folder / store.GUARD_FILE)
+    proof = evidence.read(folder / store.EVIDENCE_FILE)
+    made_by = ws.diagnosis_file(manifest.diagnosis.removesuffix(".json")) if manifest.diagnosis else None
+    diagnosis = read_record(Diagnosis, made_by) if made_by is not None and made_by.is_file() else None
+    path = out or ws.root / "reports" / f"{name}.html"
+    write_text_atomic(path, verdict_page(ws.root, manifest, verdict, proof, diagnosis))
+    return path
+
+
 def diagnosis_page(root: Path, d: Diagnosis) -> str:
     """The page `vepatch diagnose --report` writes: the errors, what they were taken for, the blame."""
     classnames = sorted({m.true for m in d.misclassified} | {m.predicted for m in d.misclassified})

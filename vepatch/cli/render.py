@@ -147,6 +147,8 @@ def cycle_report(r) -> list:
         lines.append(outcomes_table(r.outcomes, f"tonight's holdout: what {label} gets right"))
     for q in r.quarantined:
         lines.append(Text(f"quarantined {q.source} -> {q.moved_to}: {q.reason}"))
+    if r.report_file:
+        lines.append(Text(f"page: {r.report_file} (the images fixed and broke, suite by suite)"))
     if r.status == "refused":
         lines.append(Text(f"next: the candidate is kept for inspection: vepatch show {r.candidate_id} (exit 3)"))
     elif r.status == "promoted":

@@ -197,25 +197,9 @@ def report(
 
     Example: vepatch report v1 --out v1.html
     """
-    from .. import evidence, store
-    from ..fsio import write_text_atomic
-    from ..records import Diagnosis, GuardReport, read_record
-    from ..report import verdict_page
+    from ..report import write_verdict_report
 
-    ws = find_workspace(workspace)
-    if store.VERSION_RE.match(version):
-        folder, manifest = store.version_dir(ws, version), store.read_manifest(ws, version)
-    else:
-        folder, (manifest, _) = ws.candidate_dir(version), store.read_candidate(ws, version)
-    if not (folder / store.GUARD_FILE).is_file():
-        raise UsageError(f"{version}: not judged yet", f"run `vepatch guard {version}` first")
-    verdict = read_record(GuardReport, folder / store.GUARD_FILE)
-    proof = evidence.read(folder / store.EVIDENCE_FILE)
-    diagnosis = None
-    if manifest.diagnosis and ws.diagnosis_file(manifest.diagnosis.removesuffix(".json")).is_file():
-        diagnosis = read_record(Diagnosis, ws.diagnosis_file(manifest.diagnosis.removesuffix(".json")))
-    path = out_file or ws.root / "reports" / f"{version}.html"
-    write_text_atomic(path, verdict_page(ws.root, manifest, verdict, proof, diagnosis))
+    path = write_verdict_report(find_workspace(workspace), version, out_file)
     if as_json:
         emit_json({"version": version, "out": str(path)})
     else:
