@@ -335,3 +335,19 @@ def test_gc_lists_then_removes_refused_promoted_and_bench_candidates_never_a_ver
     assert result.exit_code == 0, result.output
     assert store.candidates(ws) == [waiting] and store.versions(ws) == ["v1"]
     assert _invoke("verify", "-C", str(root), "--json")[1]["ok"]
+
+
+def test_guard_reports_progress_on_stderr_and_keeps_json_stdout_clean(make_workspace, vit_bundle, tmp_path):
+    """Not a terminal (cron): plain lines on stderr — the stage's start and its end — and the
+    verdict alone on stdout."""
+    import subprocess
+    import sys
+
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=1)
+    assert _invoke("apply", "-C", str(root), "--diagnosis", "none")[0].exit_code == 0
+    run = subprocess.run([sys.executable, "-m", "vepatch", "guard", "-C", str(root), "--json"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    json.loads(run.stdout)  # nothing but the verdict
+    lines = [ln for ln in run.stderr.splitlines() if ln.startswith("guard: ")]
+    total = 5 * (24 + 18)  # baseline + 4 strengths, over the 24-image holdout and the 18-image guard suite
+    assert lines[0] == f"guard: 0/{total} (0%)" and lines[-1] == f"guard: {total}/{total} (100%)"

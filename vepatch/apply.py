@@ -26,6 +26,7 @@ from .methods.train import Objective, train
 from .models import LoadedModel
 from .models.heads import text_head
 from .models.towers import Tower, describe_tower
+from .progress import steps
 from .recipe import DiagnoseSpec, Recipe
 from .workspace import Workspace
 from .records import Diagnosis, HoldoutRef, PatchManifest, read_record
@@ -122,6 +123,7 @@ def run_apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan] = None, dia
         raise UsageError(f"--origin {origin}: not 'apply' or 'bench'", "leave --origin out")
     spec = recipe.apply
     method = get_method(spec.method)
+    progress = progress or steps("training")
     plan = plan or plan_from_pool(ctx, recipe)
     shots = plan.shots
     loaded, version = ctx.model()

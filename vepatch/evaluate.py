@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import progress
 from .context import Context, set_and_templates
 from .data import ImageSet, TorchImages
 from .models import LoadedModel
@@ -57,6 +58,7 @@ def evaluate_set(ctx: Context, data: Path, version: Optional[str] = None, templa
     image_set, templates = set_and_templates(ctx, data, templates)
     loaded, name = ctx.model(version)
     head = text_head(loaded, image_set.classnames, templates)
+    progress.begin("eval", len(image_set))
     predictions = predict(loaded, head, image_set, batch_size or ctx.recipe.batch_size, ctx.device)
     result = report(predictions, image_set, name)
     if ctx.workspace:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from scipy.stats import binomtest
 
-from . import clock, evidence, store
+from . import clock, evidence, progress, store
 from .context import Context, open_guard_suite
 from .data import ImageSet, open_holdout
 from .delta import Delta, apply_delta, patched_fingerprint, restore
@@ -113,7 +113,11 @@ def cached(loaded: LoadedModel, suite: Suite, batch_size: int, device: str, cach
     if cache is None:
         return run()
     k = key(loaded.fingerprint, loaded.preprocess, suite.head, suite.images, batch_size, device)
-    return cache.get_or_compute(k, suite.images.labels, run)
+    hits = cache.hits
+    result = cache.get_or_compute(k, suite.images.labels, run)
+    if cache.hits > hits:
+        progress.advance(len(suite.images))  # a pass the cache saved counts as done
+    return result
 
 
 def search_strengths(
@@ -208,6 +212,8 @@ def run_guard(ctx: Context, candidate_id: Optional[str], baseline: Optional[str]
         raise store.StoreError(f"candidate {manifest.candidate_id}: its parent's fingerprint does not match", "it is refused")
     suites, notes = guard_suites(ctx, parent, manifest, baseline)
     spec, bs = ctx.recipe.guard, ctx.recipe.batch_size
+    passes = 1 + len(spec.strengths) + (baseline != manifest.parent)
+    progress.begin("guard", passes * sum(len(s.images) for s in suites))
     base_predictions, cache = None, ctx.prediction_cache()
     if baseline != manifest.parent:
         base_model, _ = ctx.model(baseline)

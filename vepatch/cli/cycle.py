@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._app import command, emit_json, err, out
+from ._app import command, emit_json, err, out, progress_bar
 from .options import DeviceOpt, JsonOpt, WorkspaceOpt
 
 
@@ -47,7 +47,8 @@ def cycle(
             out.print(stream_table(rounds))
         return
     try:
-        report = abandon_cycle(ctx) if abandon else run_logged(ctx, dry_run, wait)
+        with progress_bar():
+            report = abandon_cycle(ctx) if abandon else run_logged(ctx, dry_run, wait)
     except Exception as exc:
         if as_json:
             emit_json(failure_report(exc))

@@ -119,7 +119,8 @@ def guard(
     from .render import guard_tables
 
     ctx = context.open_context(workspace, device=device)
-    report = run_guard(ctx, candidate, baseline, make_current=not no_promote)
+    with progress_bar():
+        report = run_guard(ctx, candidate, baseline, make_current=not no_promote)
     if as_json:
         emit_json(report)
     else:

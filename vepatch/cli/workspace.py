@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._app import command, emit_json, err, out
+from ._app import command, emit_json, err, out, progress_bar
 from .options import DeviceOpt, JsonOpt, OnlineOpt, WorkspaceOpt
 
 
@@ -55,7 +55,8 @@ def eval_(
     from .render import confusion_table, eval_table
 
     ctx = context.open_context(workspace, model=model, device=device, online=online, required=False)
-    result = evaluate_set(ctx, data, version=version, templates=template, batch_size=batch_size)
+    with progress_bar():
+        result = evaluate_set(ctx, data, version=version, templates=template, batch_size=batch_size)
     if as_json:
         emit_json(result)
         return

@@ -53,6 +53,10 @@ def is_writer() -> bool:
     return rank() == 0
 
 
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
 def my_share(n: int) -> range:
     """The batch indices this rank runs out of n."""
     return range(dist.get_rank(), n, dist.get_world_size()) if active() else range(n)

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from . import distributed
+from .. import progress
 from ..data import ImageSet, TorchImages
+from . import distributed
 
 DEFAULT_BUDGET_BYTES = 2 << 30  # activations kept per guard run, across suites
 
@@ -129,6 +130,7 @@ class SuiteInputs:
         local = {}
         for b in distributed.my_share(len(self.bounds)):
             local[b] = (self.features(model, b, device).float() @ head.T).argmax(1).cpu().numpy()
+            progress.advance(len(local[b]) * distributed.world_size())  # every rank does the same share
         gathered = distributed.gather_dict(local)
         preds = np.concatenate([gathered[b] for b in range(len(self.bounds))]) if self.bounds else np.zeros(0, np.int64)
         return Predictions(self.labels, preds.astype(np.int64))
