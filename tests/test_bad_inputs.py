@@ -171,3 +171,37 @@ def test_bad_flags_fail_at_once_before_the_model_loads(ws, monkeypatch, args, me
     result = runner.invoke(app, [*args, "-C", str(ws)])
     assert result.exit_code == 2, result.output
     assert message in result.output and result.output.startswith("error:")
+
+
+WRITERS = [["apply"], ["diagnose", "errors"], ["guard"], ["rollback", "base"], ["gc", "--yes"], ["cycle"],
+           ["bench", "--methods", "ln"], ["export", "v1", "--out", "exported"]]
+
+
+def test_every_writer_takes_the_workspace_lock_before_anything_else(ws, tmp_path, monkeypatch):
+    """Another process holds the lock: each command that writes the store exits 5 at once —
+    before it loads a model — and the store is as it was."""
+    import subprocess
+    import sys
+
+    from vepatch.context import Context
+
+    def no_model(*_, **__):
+        raise AssertionError("a model was loaded while another process held the lock")
+
+    monkeypatch.setattr(Context, "model", no_model)
+
+    tiny.make_folder(ws / "errors", 2, seed=3)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from vepatch.workspace import Workspace\n"
+        f"with Workspace(Path({str(ws)!r})).lock():\n"
+        "    print('held', flush=True); sys.stdin.read()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # no race: the lock is held before any command starts
+        before = sorted(p.relative_to(ws) for p in (ws / ".vepatch").rglob("*"))
+        for args in WRITERS:
+            result = runner.invoke(app, [*args, "-C", str(ws)])
+            assert result.exit_code == 5, (args, result.output)
+            assert "holds the workspace lock" in result.output
+        assert sorted(p.relative_to(ws) for p in (ws / ".vepatch").rglob("*")) == before
+    finally:
+        holder.communicate("")

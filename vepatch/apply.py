@@ -117,10 +117,17 @@ def score_masks(ctx: Context, loaded: LoadedModel, head: torch.Tensor, shots: Im
 
 def run_apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan] = None, diagnosis: str = "latest",
               progress: Optional[Callable[[int, int], None]] = None, origin: str = "apply") -> PatchManifest:
-    """Train a candidate on the current version from `plan` (default: the shot pool's).
-    `origin` ('apply' or 'bench') says who asked; a cycle's plan makes it 'cycle'."""
+    """Train a candidate on the current version from `plan` (default: the shot pool's), holding
+    the workspace lock throughout. `origin` ('apply' or 'bench') says who asked; a cycle's plan
+    makes it 'cycle'."""
     if origin not in ("apply", "bench"):
         raise UsageError(f"--origin {origin}: not 'apply' or 'bench'", "leave --origin out")
+    with ctx.workspace.lock():
+        return _apply(ctx, recipe, plan, diagnosis, progress, origin)
+
+
+def _apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan], diagnosis: str,
+           progress: Optional[Callable[[int, int], None]], origin: str) -> PatchManifest:
     spec = recipe.apply
     method = get_method(spec.method)
     progress = progress or steps("training")
@@ -186,11 +193,10 @@ def run_apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan] = None, dia
         metrics=stats,
         created=clock.stamp(),
     )
-    with ctx.workspace.lock():
-        store.write_candidate(ctx.workspace, manifest, data)
-        ctx.workspace.log("apply", candidate=manifest.candidate_id, method=spec.method, parent=version,
-                          trainable_params=manifest.trainable_params, patch_bytes=manifest.patch_bytes,
-                          seconds=round(stats.apply_seconds, 2))
+    store.write_candidate(ctx.workspace, manifest, data)
+    ctx.workspace.log("apply", candidate=manifest.candidate_id, method=spec.method, parent=version,
+                      trainable_params=manifest.trainable_params, patch_bytes=manifest.patch_bytes,
+                      seconds=round(stats.apply_seconds, 2))
     return manifest
 
 

@@ -5,6 +5,7 @@ evaluation runs here, paired against the parent."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -65,7 +66,10 @@ def apply_in_subprocess(workspace: Path, method: str, seed: int, shots: int, ext
 
     cmd = [sys.executable, "-m", "vepatch", "apply", "-C", str(workspace), "--method", method, "--seed", str(seed),
            "--shots", str(shots), "--diagnosis", "none", "--origin", "bench", "--json", *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    from .workspace import LOCK_HELD_ENV
+
+    env = {**os.environ, LOCK_HELD_ENV: str(workspace)}  # the bench holds the lock on the child's behalf
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise VepatchError(f"bench: apply --method {method} --seed {seed} failed: {done.stderr.strip().splitlines()[-1:]}",
                            "run that apply by hand to see why")
@@ -74,6 +78,12 @@ def apply_in_subprocess(workspace: Path, method: str, seed: int, shots: int, ext
 
 def run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, extra: Optional[list[str]] = None,
               progress: Optional[Callable[[int, int], None]] = None) -> list[BenchRun]:
+    with ctx.workspace.lock():
+        return _run_bench(ctx, methods, seeds, shots, extra, progress)
+
+
+def _run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, extra: Optional[list[str]],
+               progress: Optional[Callable[[int, int], None]]) -> list[BenchRun]:
     parent, version = ctx.model()
     runs, total, step = [], len(methods) * len(seeds), 0
     cache = ctx.prediction_cache()  # the parent's predictions: computed once per suite and holdout

@@ -169,10 +169,10 @@ def run_diagnose(ctx: Context, errors_dir: Path, overrides: dict[str, Any]) -> t
     recipe = with_overrides(ctx.recipe, overrides)
     if not recipe.classes:
         raise UsageError(f"{ws.recipe_path}: the recipe names no classes", "list the target classes under `classes:`")
-    errors = open_target_set(ctx, ctx.resolve(errors_dir), "errors")
-    loaded, version = ctx.model()
-    head = text_head(loaded, recipe.classes, recipe.templates)
     with ws.lock():
+        errors = open_target_set(ctx, ctx.resolve(errors_dir), "errors")
+        loaded, version = ctx.model()
+        head = text_head(loaded, recipe.classes, recipe.templates)
         diagnosis, masks = diagnose(loaded, head, errors, version, recipe.diagnose, recipe.seed, ctx.device)
         diagnosis = dataclasses.replace(diagnosis, masks_file=ws.diagnosis_masks(diagnosis.created).name)
         write_bytes_atomic(ws.diagnosis_masks(diagnosis.created), save(masks.to_tensors()))

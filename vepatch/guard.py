@@ -179,6 +179,16 @@ def predictions_hash(p: Predictions) -> str:
     return hashlib.sha256(p.preds.astype(np.int64).tobytes()).hexdigest()
 
 
+def evidence_of(ws, suites: list[Suite], before: dict[str, Predictions], after: dict[str, Predictions],
+                strength: float) -> Evidence:
+    """Every suite's images, labels and both models' predictions, as the verdict keeps them."""
+    return Evidence(strength, [
+        SuiteEvidence(s.name, s.role, list(s.images.classnames), [ws.portable(x.source) for x in s.images.samples],
+                      before[s.name].labels, before[s.name].preds, after[s.name].preds)
+        for s in suites
+    ])
+
+
 def guard_suites(ctx: Context, loaded: LoadedModel, manifest: PatchManifest, baseline: str) -> tuple[list[Suite], list[str]]:
     """The candidate's target holdout, the recipe's guard suites and, after the first accepted
     fix, every earlier version's holdout (a later patch may not undo an earlier fix)."""
@@ -201,7 +211,13 @@ def guard_suites(ctx: Context, loaded: LoadedModel, manifest: PatchManifest, bas
 
 def run_guard(ctx: Context, candidate_id: Optional[str], baseline: Optional[str], make_current: bool = True) -> GuardReport:
     """Judge a candidate (default: the newest one `vepatch apply` made that nobody judged yet);
-    accepted -> the next vN. A candidate is judged once: its verdict is never overwritten."""
+    accepted -> the next vN. A candidate is judged once: its verdict is never overwritten. The
+    workspace lock is held throughout (under torchrun, by rank 0)."""
+    with ctx.workspace.lock() if distributed.is_writer() else contextlib.nullcontext():
+        return _judge(ctx, candidate_id, baseline, make_current)
+
+
+def _judge(ctx: Context, candidate_id: Optional[str], baseline: Optional[str], make_current: bool) -> GuardReport:
     ws = ctx.workspace
     candidate_id = candidate_id or store.waiting_candidate(ws)
     store.check_unjudged(ws, candidate_id)
@@ -218,38 +234,35 @@ def run_guard(ctx: Context, candidate_id: Optional[str], baseline: Optional[str]
     if baseline != manifest.parent:
         base_model, _ = ctx.model(baseline)
         base_predictions = predict_all(base_model, suites, bs, ctx.device, cache)
-    with ws.lock() if distributed.is_writer() else contextlib.nullcontext():
-        trials, preds, base = search_strengths(parent, delta, suites, spec, bs, ctx.device, base_predictions, cache)
-        notes += [f"{s.name}: the baseline is at chance there ({100 * base[s.name].accuracy:.1f}%, "
-                  f"{len(s.images.classnames)} classes), so it guards nothing" for s in suites
-                  if s.role == "guard" and base[s.name].accuracy <= 1.5 / max(1, len(s.images.classnames))]
-        best = choose(trials)
-        shown = best or max(trials, key=target_gain)  # a refusal still says what the best try did
-        report = GuardReport(
-            candidate_id=manifest.candidate_id, baseline=baseline,
-            baseline_fingerprint=ctx.model(baseline)[0].fingerprint, accepted=best is not None,
-            strength=best.strength if best else 0.0, trials=trials,
-            reason=(f"accepted at strength {best.strength}" if best else "refused: no strength passes: " + trials[-1].why)
-            + ("" if not notes else " [" + "; ".join(notes) + "]"),
-            predictions_sha256={k: predictions_hash(v) for k, v in (preds[best.strength] if best else base).items()},
-            created=clock.stamp(),
-            target_outcomes=class_outcomes(suites[0].images, base[suites[0].name], preds[shown.strength][suites[0].name]),
-        )
-        if not distributed.is_writer():  # under torchrun, rank 0 alone writes
-            return report
-        proof = evidence.to_bytes(Evidence(shown.strength, [SuiteEvidence(s.name, s.role, list(s.images.classnames),
-                                                 [ws.portable(x.source) for x in s.images.samples], base[s.name].labels,
-                                                 base[s.name].preds, preds[shown.strength][s.name].preds) for s in suites]))
-        version = ""
-        if best:  # the version first: a crash before the verdict below leaves a findable version (store.version_of)
-            scaled = delta.scaled(best.strength)
-            fp = patched_fingerprint(parent.model, scaled)
-            version = store.write_version(ws, dataclasses.replace(manifest, strength=best.strength, fingerprint=fp),
-                                          scaled, report, proof, make_current=make_current)
-            report = dataclasses.replace(report, version=version)
-        store.write_verdict(ws, manifest.candidate_id, report, proof)
-        ws.log("guard", candidate=manifest.candidate_id, baseline=baseline, accepted=report.accepted,
-               strength=report.strength, version=version, reason=report.reason)
-        if version:
-            ws.log("promote", version=version, current=make_current)
+    trials, preds, base = search_strengths(parent, delta, suites, spec, bs, ctx.device, base_predictions, cache)
+    notes += [f"{s.name}: the baseline is at chance there ({100 * base[s.name].accuracy:.1f}%, "
+              f"{len(s.images.classnames)} classes), so it guards nothing" for s in suites
+              if s.role == "guard" and base[s.name].accuracy <= 1.5 / max(1, len(s.images.classnames))]
+    best = choose(trials)
+    shown = best or max(trials, key=target_gain)  # a refusal still says what the best try did
+    report = GuardReport(
+        candidate_id=manifest.candidate_id, baseline=baseline,
+        baseline_fingerprint=ctx.model(baseline)[0].fingerprint, accepted=best is not None,
+        strength=best.strength if best else 0.0, trials=trials,
+        reason=(f"accepted at strength {best.strength}" if best else "refused: no strength passes: " + trials[-1].why)
+        + ("" if not notes else " [" + "; ".join(notes) + "]"),
+        predictions_sha256={k: predictions_hash(v) for k, v in (preds[best.strength] if best else base).items()},
+        created=clock.stamp(),
+        target_outcomes=class_outcomes(suites[0].images, base[suites[0].name], preds[shown.strength][suites[0].name]),
+    )
+    if not distributed.is_writer():  # under torchrun, rank 0 alone writes
+        return report
+    proof = evidence.to_bytes(evidence_of(ws, suites, base, preds[shown.strength], shown.strength))
+    version = ""
+    if best:  # the version first: a crash before the verdict below leaves a findable version (store.version_of)
+        scaled = delta.scaled(best.strength)
+        fp = patched_fingerprint(parent.model, scaled)
+        version = store.write_version(ws, dataclasses.replace(manifest, strength=best.strength, fingerprint=fp),
+                                      scaled, report, proof, make_current=make_current)
+        report = dataclasses.replace(report, version=version)
+    store.write_verdict(ws, manifest.candidate_id, report, proof)
+    ws.log("guard", candidate=manifest.candidate_id, baseline=baseline, accepted=report.accepted,
+           strength=report.strength, version=version, reason=report.reason)
+    if version:
+        ws.log("promote", version=version, current=make_current)
     return report

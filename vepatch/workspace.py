@@ -37,6 +37,7 @@ from .recipe import RECIPE_FILE, Recipe, dump_recipe, load_recipe
 
 STORE_DIR = ".vepatch"
 _HELD: dict[str, int] = {}  # workspace root -> lock depth held by this process
+LOCK_HELD_ENV = "VEPATCH_LOCK_HELD"  # set by a process holding the lock for the children it runs on its behalf
 SUBDIRS = ("candidates", "patches", "diagnoses")
 PATCH_FILE, MANIFEST_FILE, GUARD_FILE = "patch.safetensors", "patch.json", "guard.json"  # in patches/vNNNN/
 DELTA_FILE, CANDIDATE_FILE = "delta.safetensors", "candidate.json"  # in candidates/<id>/ (+ GUARD_FILE)
@@ -156,8 +157,8 @@ class Workspace:
         """Exclusive OS lock on .vepatch/lock: released by the kernel if the process dies.
         Re-entrant within one process (a cycle holds it across diagnose, apply and guard)."""
         key = str(self.root)
-        if _HELD.get(key):
-            _HELD[key] += 1
+        if _HELD.get(key) or os.environ.get(LOCK_HELD_ENV) == key:  # ours, or our parent's (bench's applies)
+            _HELD[key] = _HELD.get(key, 0) + 1
             try:
                 yield
             finally:

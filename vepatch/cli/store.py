@@ -100,10 +100,21 @@ def export(
 
     Example: vepatch export v1 --out exported/ && python -c "import open_clip; open_clip.create_model('local-dir:exported')"
     """
-    from .. import context, store
-    from ..export import export_bundle, export_peft
+    from .. import context
 
     ctx = context.open_context(workspace)
+    with ctx.workspace.lock():
+        path = _export(ctx, version, out_dir, fmt, force)
+    if as_json:
+        emit_json({"version": version, "out": str(path), "format": fmt})
+    else:
+        out.print(f"exported {version} to {path} ({fmt})")
+
+
+def _export(ctx, version: str, out_dir: Path, fmt: str, force: bool) -> Path:
+    from .. import store
+    from ..export import export_bundle, export_peft
+
     if fmt == "peft":
         if len(store.chain(ctx.workspace, version)) != 1:
             raise UsageError("--format peft exports one patch on the base", "export a v1-on-base patch, or use --format open_clip")
@@ -117,10 +128,7 @@ def export(
     else:
         raise UsageError(f"unknown format '{fmt}'", "use --format open_clip or --format peft")
     ctx.workspace.log("export", version=version, out=str(path), format=fmt)
-    if as_json:
-        emit_json({"version": version, "out": str(path), "format": fmt})
-    else:
-        out.print(f"exported {version} to {path} ({fmt})")
+    return path
 
 
 @command
