@@ -71,3 +71,21 @@ def test_nothing_to_diagnose_exits_4(make_workspace, vit_bundle, tmp_path, monke
         __import__("numpy").array(s.labels), __import__("numpy").array(s.labels)))
     result = runner.invoke(app, ["diagnose", str(errors), "-C", str(root)])
     assert result.exit_code == 4 and "already classifies all" in result.output
+
+
+def test_small_messages_say_the_right_thing(make_workspace, vit_bundle, tmp_path, monkeypatch):
+    root = make_workspace(vit_bundle)
+    result = runner.invoke(app, ["show", "base", "-C", str(root)])
+    assert result.exit_code == 2 and "is the model itself" in result.output
+    assert "lr: 0" not in (root / "vepatch.yaml").read_text()  # "the method's own" is left out, not written as 0
+    one = tiny.make_folder(tmp_path / "one", 2, classes=["zebra"])
+    result = runner.invoke(app, ["eval", str(one), "-C", str(root)])
+    assert result.exit_code == 1 and "only class folder 'zebra'" in result.output
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("vepatch ")
+    assert "<bool>" not in runner.invoke(app, ["apply", "--help"]).output
+    monkeypatch.chdir(tmp_path)  # outside a workspace, a model is named by its reference, not "base"
+    two = tiny.make_folder(tmp_path / "two", 2)
+    result = runner.invoke(app, ["eval", str(two), "--model", f"local-dir:{vit_bundle}", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["version"] == f"local-dir:{vit_bundle}"

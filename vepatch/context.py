@@ -127,4 +127,8 @@ def set_and_templates(ctx: Context, data: Path, templates: Optional[Sequence[str
     keys = {c.lower() for c in recipe.classes}
     if recipe.classes and all(c.lower() in keys for c in own.classnames):
         return open_target_set(ctx, resolved, data.name), list(templates or recipe.templates)
+    if len(own.classnames) == 1:  # one foreign class would score 100% whatever the model does
+        raise DataError(f"{resolved}: its only class folder '{own.classnames[0]}' is not one of the recipe's classes",
+                        f"rename it to one of: {', '.join(recipe.classes)}" if recipe.classes else
+                        "a set to evaluate needs at least two class folders")
     return own, list(templates or DEFAULT_TEMPLATES)  # the recipe's prompts are for its own classes

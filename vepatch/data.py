@@ -127,8 +127,11 @@ def open_image_set(
     if max_per_class:
         image_set = _cap_per_class(image_set, max_per_class, seed)
     if not image_set.samples:
+        skipped = image_set.skipped
+        first = f"; first: {skipped[0].source}: {skipped[0].reason}" if skipped else ""
         raise DataError(
-            f"{root}: no readable image" + (f" ({len(image_set.skipped)} skipped)" if image_set.skipped else ""),
+            f"{root}: no readable image" + (f" ({len(skipped)} skipped{first})" if skipped else ""),
+            "replace the unreadable files with real images (jpg, png, ...)" if skipped else
             "put images in <class>/ subfolders (jpg, png, ...)",
         )
     return image_set

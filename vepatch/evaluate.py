@@ -60,7 +60,8 @@ def evaluate_set(ctx: Context, data: Path, version: Optional[str] = None, templa
     head = text_head(loaded, image_set.classnames, templates)
     progress.begin("eval", len(image_set))
     predictions = predict(loaded, head, image_set, batch_size or ctx.recipe.batch_size, ctx.device)
-    result = report(predictions, image_set, name)
+    # outside a workspace there are no versions: name the model by its reference (an exported bundle is not "base")
+    result = report(predictions, image_set, name if ctx.workspace else ctx.recipe.model.ref)
     if ctx.workspace:
         ctx.workspace.log("eval", data=str(data), version=name, accuracy=result.accuracy, n=result.n)
     return result

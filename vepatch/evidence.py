@@ -61,7 +61,7 @@ def read(path: Path) -> Evidence:
     from safetensors import safe_open
 
     if not path.is_file():
-        raise StoreError(f"{path}: no per-example evidence", "verdicts written before vepatch 0.3 have none; judge a new candidate")
+        raise StoreError(f"{path}: no per-example evidence", "verdicts older than per-example evidence have none; judge a new candidate")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta_all = f.metadata()

@@ -166,7 +166,12 @@ def check_recipe(recipe: Recipe, where: str = "flags") -> Recipe:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(to_plain(recipe), sort_keys=False, allow_unicode=True)
+    """The recipe as YAML. `apply.lr: 0` means "the method's own" and is left out, so the file
+    never shows a learning rate of 0 (README: the default is each method's)."""
+    plain = to_plain(recipe)
+    if not plain["apply"]["lr"]:
+        del plain["apply"]["lr"]
+    return yaml.safe_dump(plain, sort_keys=False, allow_unicode=True)
 
 
 def with_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:

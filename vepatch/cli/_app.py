@@ -21,9 +21,25 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # click's plain help: no type column (typer's shows `--help <bool>`), reads at 80 columns
 )
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"vepatch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Repair the vision encoder of a CLIP-style model from a few examples, guarded and versioned."""
 
 def command(fn=None, *, name: str | None = None, sharded: bool = False):
     """Register `fn` as a command; VepatchError -> one clean line + its exit code. Only

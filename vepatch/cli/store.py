@@ -50,6 +50,9 @@ def show(
     from .render import show_tables
 
     ws = find_workspace(workspace)
+    if version == "base":
+        raise UsageError("'base' is the model itself, not a patch: it changed nothing",
+                         "`vepatch log` lists the versions; `vepatch eval DATA --version base` measures the base")
     if store.VERSION_RE.match(version):
         folder = store.version_dir(ws, version)
         manifest = store.read_manifest(ws, version)
