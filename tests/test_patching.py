@@ -351,3 +351,23 @@ def test_guard_reports_progress_on_stderr_and_keeps_json_stdout_clean(make_works
     lines = [ln for ln in run.stderr.splitlines() if ln.startswith("guard: ")]
     total = 5 * (24 + 18)  # baseline + 4 strengths, over the 24-image holdout and the 18-image guard suite
     assert lines[0] == f"guard: 0/{total} (0%)" and lines[-1] == f"guard: {total}/{total} (100%)"
+
+
+def test_a_tampered_version_can_be_set_aside_and_the_store_verifies_again(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=1)
+    for _ in range(2):  # v1, and v2 built on it
+        assert _invoke("apply", "-C", str(root), "--diagnosis", "none")[0].exit_code == 0
+        assert _invoke("guard", "-C", str(root))[0].exit_code == 0
+    patch = root / ".vepatch" / "patches" / "v0001" / "patch.safetensors"
+    patch.write_bytes(patch.read_bytes()[:-8] + b"\0" * 8)
+    assert "v1 does not verify" in _invoke("show", "v1", "-C", str(root))[0].output
+    result, _ = _invoke("verify", "--quarantine", "-C", str(root))
+    assert result.exit_code == 2 and "rollback base" in result.output  # HEAD (v2) is built on v1
+    assert _invoke("rollback", "base", "-C", str(root))[0].exit_code == 0
+    result, _ = _invoke("verify", "--quarantine", "-C", str(root))
+    assert result.exit_code == 0 and "set aside v1" in result.output and "set aside v2" in result.output
+    ws = store.Workspace(root)
+    assert store.versions(ws) == [] and _invoke("verify", "-C", str(root))[0].exit_code == 0
+    assert _invoke("apply", "-C", str(root), "--diagnosis", "none")[0].exit_code == 0
+    result, report = _invoke("guard", "-C", str(root), "--json")
+    assert report["version"] == "v3"  # a set-aside number is never reused

@@ -206,7 +206,8 @@ def read_candidate(ws: Workspace, candidate_id: str) -> tuple[PatchManifest, Del
 def write_version(ws: Workspace, manifest: PatchManifest, delta: Delta, report: GuardReport, evidence: bytes,
                   make_current: bool = True) -> str:
     """Write an accepted candidate (delta already scaled to the chosen strength) as the next vN."""
-    number = (int(versions(ws)[-1][1:]) if versions(ws) else 0) + 1
+    set_aside_numbers = [int(d.name[1:5]) for d in (ws.store / "quarantine").glob("v[0-9][0-9][0-9][0-9]-*")]
+    number = max([int(v[1:]) for v in versions(ws)] + set_aside_numbers + [0]) + 1  # a set-aside vN is never reused
     version = f"v{number}"
     folder = version_dir(ws, version)
     staging = ws.patches / f".{folder.name}.tmp{os.getpid()}"
@@ -231,13 +232,19 @@ def write_version(ws: Workspace, manifest: PatchManifest, delta: Delta, report: 
 def verify(ws: Workspace, base: LoadedModel) -> list[str]:
     """Re-hash everything; returns the problems found (empty: the store is valid).
     `base` is a freshly loaded base model; it is patched along each chain as it goes."""
-    import copy
-
     problems = []
     try:
         head(ws)
     except StoreError as exc:
         problems.append(str(exc))
+    return problems + list(bad_versions(ws, base).values()) + list(bad_candidates(ws).values())
+
+
+def bad_versions(ws: Workspace, base: LoadedModel) -> dict[str, str]:
+    """Version -> why it does not verify (its files, its fingerprints, its verdict)."""
+    import copy
+
+    bad = {}
     pristine = copy.deepcopy(base.model.visual.state_dict())
     for v in versions(ws):
         folder = version_dir(ws, v)
@@ -246,20 +253,69 @@ def verify(ws: Workspace, base: LoadedModel) -> list[str]:
             base.fingerprint = fingerprint(base.model.visual)
             manifest = read_manifest(ws, v)
             if manifest.base_fingerprint != base.fingerprint:
-                problems.append(f"{folder}: made for another base model (fingerprint {manifest.base_fingerprint[:12]})")
+                bad[v] = f"{folder}: made for another base model (fingerprint {manifest.base_fingerprint[:12]})"
                 continue
             apply_version(ws, base, v)
             read_record(GuardReport, folder / GUARD_FILE)
         except Exception as exc:
-            problems.append(str(exc))
+            bad[v] = str(exc)
+    base.model.visual.load_state_dict(pristine)
+    base.fingerprint = fingerprint(base.model.visual)
+    return bad
+
+
+def bad_candidates(ws: Workspace) -> dict[str, str]:
+    bad = {}
     for c in candidates(ws):
         try:
             read_candidate(ws, c)
         except Exception as exc:
-            problems.append(str(exc))
-    base.model.visual.load_state_dict(pristine)
-    base.fingerprint = fingerprint(base.model.visual)
-    return problems
+            bad[c] = str(exc)
+    return bad
+
+
+def set_aside(ws: Workspace, base: LoadedModel) -> list[tuple[str, Path]]:
+    """`vepatch verify --quarantine`: move every version that does not verify — and every later
+    version built on one — and every corrupt candidate to .vepatch/quarantine/, so the store
+    verifies again. Refused while HEAD is one of them (roll back first). Returns (name, moved to)."""
+    from . import clock
+
+    bad = set(bad_versions(ws, base))
+    doomed = [v for v in versions(ws) if v in bad or bad & set(_chain_names(ws, v))]
+    current = head(ws)
+    if current in doomed:
+        raise UsageError(f"HEAD is {current}, which does not verify (or is built on a version that does not)",
+                         f"roll back first: vepatch rollback {_last_good(ws, doomed)}")
+    moved = []
+    target = ws.store / "quarantine"
+    stamp = clock.stamp()
+    for v in reversed(doomed):  # newest first: a crash midway never leaves a child without its parent
+        folder = version_dir(ws, v)
+        dest = target / f"{folder.name}-{stamp}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder, dest)
+        moved.append((v, dest))
+    for c in bad_candidates(ws):
+        dest = target / f"candidate-{c}-{stamp}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(ws.candidate_dir(c), dest)
+        moved.append((c, dest))
+    if moved:
+        fsync_dir(ws.patches)
+        ws.log("quarantine", moved=[name for name, _ in moved])
+    return moved
+
+
+def _chain_names(ws: Workspace, version: str) -> list[str]:
+    try:
+        return chain(ws, version)
+    except Exception:
+        return [version]
+
+
+def _last_good(ws: Workspace, doomed: list[str]) -> str:
+    good = [v for v in versions(ws) if v not in doomed]
+    return good[-1] if good else "base"
 
 
 def leftovers(ws: Workspace) -> list[Path]:

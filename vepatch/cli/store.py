@@ -56,6 +56,10 @@ def show(
     if store.VERSION_RE.match(version):
         folder = store.version_dir(ws, version)
         manifest = store.read_manifest(ws, version)
+        try:  # its own bytes; `vepatch verify` checks whole chains
+            store.load_delta(folder / store.PATCH_FILE, manifest.patch_sha256)
+        except store.StoreError as exc:
+            err.print(f"warning: {version} does not verify: {exc}", markup=False, highlight=False)
     else:
         folder = ws.candidate_dir(version)
         manifest, _ = store.read_candidate(ws, version)
@@ -136,16 +140,24 @@ def _export(ctx, version: str, out_dir: Path, fmt: str, force: bool) -> Path:
 
 @command
 def verify(
+    quarantine: Annotated[bool, typer.Option("--quarantine", help="Move versions (and candidates) that do not verify to .vepatch/quarantine/.")] = False,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ):
     """Re-hash every patch and re-check every fingerprint; exit 1 on any problem.
 
-    Example: vepatch verify
+    With --quarantine, a version that does not verify (and every version built on it) is moved
+    out of the chain, so the store verifies again; roll HEAD back below it first.
+
+    Example: vepatch verify; vepatch rollback v1 && vepatch verify --quarantine
     """
     from .. import context, store
 
     ctx = context.open_context(workspace)
+    if quarantine:
+        with ctx.workspace.lock():
+            for name, dest in store.set_aside(ctx.workspace, ctx.base()):
+                err.print(f"set aside {name} -> {dest.relative_to(ctx.workspace.root)}", markup=False, highlight=False)
     problems = store.verify(ctx.workspace, ctx.base())  # a fresh base: verify patches it along each chain
     left = [str(p) for p in store.leftovers(ctx.workspace)]
     if as_json:
@@ -155,7 +167,8 @@ def verify(
             err.print(f"[red]problem:[/] {p}")
         if left:
             err.print(f"{len(left)} temp folder(s) from an interrupted write (invisible, safe to delete): {', '.join(left)}")
-        out.print("store verifies" if not problems else f"{len(problems)} problem(s)")
+        out.print("store verifies" if not problems else
+                  f"{len(problems)} problem(s). next: vepatch rollback <a good version>, then vepatch verify --quarantine")
     if problems:
         raise typer.Exit(1)
 
