@@ -371,3 +371,17 @@ def test_a_tampered_version_can_be_set_aside_and_the_store_verifies_again(make_w
     assert _invoke("apply", "-C", str(root), "--diagnosis", "none")[0].exit_code == 0
     result, report = _invoke("guard", "-C", str(root), "--json")
     assert report["version"] == "v3"  # a set-aside number is never reused
+
+
+def test_guard_output_fits_80_columns_and_says_what_next(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=1)
+    assert _invoke("apply", "-C", str(root), "--diagnosis", "none")[0].exit_code == 0
+    result = runner.invoke(app, ["guard", "-C", str(root)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80, result.output
+    assert "target-holdout" in result.output and "ACCEPTED as v1" in result.output
+    assert result.output.rstrip().splitlines()[-1].startswith("next: vepatch report v1")
+    # the same seed's shots again: the verdict says so
+    assert _invoke("apply", "-C", str(root), "--diagnosis", "none")[0].exit_code == 0
+    result = runner.invoke(app, ["guard", "-C", str(root)], env={"COLUMNS": "80"})
+    assert "same shots as v1" in result.output

@@ -227,6 +227,8 @@ def _judge(ctx: Context, candidate_id: Optional[str], baseline: Optional[str], m
     if parent.fingerprint != manifest.parent_fingerprint:
         raise store.StoreError(f"candidate {manifest.candidate_id}: its parent's fingerprint does not match", "it is refused")
     suites, notes = guard_suites(ctx, parent, manifest, baseline)
+    notes += [f"trained on the same shots as {v}: its gain may be the same fix again" for v in store.chain(ws, baseline)
+              if store.read_manifest(ws, v).shots_hash == manifest.shots_hash]
     spec, bs = ctx.recipe.guard, ctx.recipe.batch_size
     passes = 1 + len(spec.strengths) + (baseline != manifest.parent)
     progress.begin("guard", passes * sum(len(s.images) for s in suites))

@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from rich.markup import escape
 
 from ..methods import names as method_names
 from ._app import command, emit_json, out, progress_bar
@@ -116,7 +115,7 @@ def guard(
     """
     from .. import context
     from ..guard import run_guard
-    from .render import guard_tables
+    from .render import guard_tables, verdict_lines
 
     ctx = context.open_context(workspace, device=device)
     with progress_bar():
@@ -126,8 +125,7 @@ def guard(
     else:
         for table in guard_tables(report):
             out.print(table)
-        verdict = f"ACCEPTED as {report.version}" if report.accepted else "REFUSED"
-        reason = report.reason.removeprefix("accepted ").removeprefix("refused: ")
-        out.print(f"[bold]{verdict}[/]: {escape(reason)}")
+        for line in verdict_lines(report):
+            out.print(line)
     if not report.accepted:
         raise typer.Exit(3)

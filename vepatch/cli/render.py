@@ -68,19 +68,47 @@ def diagnosis_tables(d: Diagnosis, top: int = 12) -> list[Table]:
     return [confusions, blocks, loci]
 
 
-def guard_tables(report) -> list[Table]:
-    tables = []
-    for trial in report.trials:
-        mark = "chosen" if report.accepted and trial.strength == report.strength else ("pass" if trial.passed else "fail")
-        t = Table(title=f"strength {trial.strength}: {mark} — mean guard change {trial.mean_guard_change_pp:+.2f} pp")
-        for col in ("suite", "role", "n", "before", "after", "change", "p", "detects", "verdict"):
-            t.add_column(col, justify="left" if col in ("suite", "role", "verdict") else "right")
-        for s in trial.suites:
-            detects = "-" if s.role == "target" or not s.detectable_pp else f"≥{s.detectable_pp:.1f}"
-            t.add_row(s.name, s.role, str(s.n), pct(s.before), pct(s.after), f"{s.change_pp:+.1f} pp",
-                      f"{s.p_value:.3f}", detects, ("ok: " if s.passed else "FAIL: ") + s.why)
-        tables.append(t)
-    return tables
+def guard_tables(report) -> list:
+    """The verdict at 80 columns: one table at the chosen strength (a refusal: its best try),
+    then one line per strength tried, the reasons of what failed under them."""
+    from rich import box
+
+    shown = next((t for t in report.trials if t.strength == report.strength), None) if report.accepted else \
+        max(report.trials, key=lambda t: sum(s.change_pp for s in t.suites if s.role == "target"))
+    label = "chosen" if report.accepted else "best try"
+    t = Table(title=f"λ {shown.strength:g} ({label}): mean guard change {shown.mean_guard_change_pp:+.2f} pp",
+              box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    for col in ("suite", "n", "before", "after", "change", "p", "detects", ""):
+        t.add_column(col, justify="left" if col in ("suite", "") else "right", no_wrap=True)
+    for s in shown.suites:
+        detects = "-" if s.role == "target" or not s.detectable_pp else f"≥{s.detectable_pp:.1f}"
+        name = s.name + (" (target)" if s.role == "target" and s.name != "target-holdout" else "")
+        t.add_row(name, str(s.n), pct(s.before), pct(s.after), f"{s.change_pp:+.1f} pp", f"{s.p_value:.2f}", detects,
+                  "ok" if s.passed else "FAIL")
+    marks = ["chosen" if report.accepted and tr.strength == report.strength else ("pass" if tr.passed else "fail")
+             for tr in report.trials]
+    lines: list = [t, Text("strengths tried: " + " · ".join(f"λ {tr.strength:g} {m}" for tr, m in zip(report.trials, marks)))]
+    lines += [Text(f"  λ {tr.strength:g} failed: {tr.why}") for tr in report.trials if not tr.passed]
+    return lines
+
+
+def verdict_lines(report) -> list:
+    """The verdict, its reason, and what to do next."""
+    chosen = next((t for t in report.trials if t.strength == report.strength), None) if report.accepted else None
+    target = next((s for s in chosen.suites if s.role == "target"), None) if chosen else None
+    if report.accepted:
+        gain = f"{target.name} {pct(target.before)} → {pct(target.after)}" if target else ""
+        head = Text.assemble(("ACCEPTED", "bold green"), f" as {report.version} at λ {report.strength:g}: {gain}, guards kept")
+        nxt = f"next: vepatch report {report.version} (what it fixed and broke); vepatch rollback undoes it"
+    else:
+        head = Text.assemble(("REFUSED", "bold red"), f": {report.reason.removeprefix('refused: ')}")
+        nxt = (f"next: vepatch report {report.candidate_id} shows what it broke;\n"
+               "      more or other shots, a smaller --lr or another --method may pass")
+    lines = [head]
+    notes = report.reason.split(" [", 1)[1].rstrip("]") if report.accepted and " [" in report.reason else ""
+    if notes:
+        lines.append(Text(f"note: {notes}"))
+    return lines + [Text(nxt)]
 
 
 def log_table(manifests, verdicts, head: str) -> Table:
