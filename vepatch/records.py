@@ -213,3 +213,21 @@ class GuardReport:
     version: str = ""  # the version written, when accepted
     target_outcomes: list[ClassOutcome] = field(default_factory=list)  # per class, at the chosen strength (refused: the best try)
     schema_version: int = SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    """One version as `vepatch log` lists it: what it is, not every file it saw (`show` has those)."""
+
+    version: str
+    parent: str
+    method: str
+    strength: float
+    candidate_id: str
+    cycle: str
+    created: str
+    patch_bytes: int
+    trainable_params: int
+    train_images: int
+    holdout_images: int
+    target_outcomes: list[ClassOutcome]  # the verdict's, per class of the target holdout

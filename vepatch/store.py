@@ -20,7 +20,7 @@ from .delta import Delta, apply_delta, sha256_bytes, sha256_file
 from .errors import NothingToDo, StoreError, UsageError
 from .fsio import fsync_dir, write_bytes_atomic, write_text_atomic
 from .models import LoadedModel, fingerprint
-from .records import GuardReport, PatchManifest, read_record, to_json
+from .records import GuardReport, PatchManifest, VersionSummary, read_record, to_json
 from .workspace import CANDIDATE_FILE, DELTA_FILE, EVIDENCE_FILE, GUARD_FILE, MANIFEST_FILE, PATCH_FILE, Workspace
 
 VERSION_RE = re.compile(r"^v(\d+)$")
@@ -85,6 +85,13 @@ def read_verdict(ws: Workspace, version: str) -> GuardReport | None:
         return read_record(GuardReport, version_dir(ws, version) / GUARD_FILE)
     except Exception:
         return None
+
+
+def summary(ws: Workspace, version: str) -> VersionSummary:
+    m, verdict = read_manifest(ws, version), read_verdict(ws, version)
+    return VersionSummary(version, m.parent, m.method, m.strength, m.candidate_id, m.cycle, m.created, m.patch_bytes,
+                          m.trainable_params, len(m.train_files), len(m.holdout.sources),
+                          verdict.target_outcomes if verdict else [])
 
 
 def read_manifest(ws: Workspace, version: str) -> PatchManifest:

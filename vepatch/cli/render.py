@@ -111,18 +111,18 @@ def verdict_lines(report) -> list:
     return lines + [Text(nxt)]
 
 
-def log_table(manifests, verdicts, head: str) -> Table:
+def log_table(rows, head: str) -> Table:
     t = Table(title=f"versions (HEAD: {head}); fixed: of the holdout images wrong before; broke: right before",
               title_justify="left")
     for col in ("version", "parent", "method", "λ", "fixed", "broke", "bytes", "made (UTC)"):
         t.add_column(col, no_wrap=True)
-    for m, v in zip(manifests, verdicts):
-        outcomes = v.target_outcomes if v else []
+    for r in rows:
+        outcomes = r.target_outcomes
         wrong_before = sum(o.fixed + o.still_wrong for o in outcomes)
-        t.add_row(("* " if m.version == head else "") + m.version, m.parent, m.method, f"{m.strength:g}",
+        t.add_row(("* " if r.version == head else "") + r.version, r.parent, r.method, f"{r.strength:g}",
                   f"{sum(o.fixed for o in outcomes)}/{wrong_before}" if outcomes else "-",
                   str(sum(o.newly_wrong for o in outcomes)) if outcomes else "-",
-                  f"{m.patch_bytes / 1e6:.1f} MB", f"{m.created[4:6]}-{m.created[6:8]} {m.created[9:11]}:{m.created[11:13]}")
+                  f"{r.patch_bytes / 1e6:.1f} MB", f"{r.created[4:6]}-{r.created[6:8]} {r.created[9:11]}:{r.created[11:13]}")
     return t
 
 

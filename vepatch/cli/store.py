@@ -26,13 +26,12 @@ def log(
     from .render import log_table
 
     ws = find_workspace(workspace)
-    manifests = [store.read_manifest(ws, v) for v in store.versions(ws)]
-    verdicts = [store.read_verdict(ws, v) for v in store.versions(ws)]
+    rows = [store.summary(ws, v) for v in store.versions(ws)]
     current = store.head(ws)
     if as_json:
-        emit_json({"head": current, "versions": manifests, "verdicts": verdicts})
+        emit_json({"head": current, "versions": rows})
         return
-    out.print(log_table(manifests, verdicts, current))
+    out.print(log_table(rows, current))
 
 
 @command
