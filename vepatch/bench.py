@@ -167,23 +167,25 @@ def markdown(rows: list[BenchSummary]) -> str:
 
 
 def plot(runs: list[BenchRun], rows: list[BenchSummary], path: Path) -> Path:
-    """bench.png: target gain vs worst guard change, one point per method and seed; the
-    methods on the Pareto front are named in bold."""
+    """bench.png: target gain vs worst guard change, one point per method and seed; each
+    method a colour and a marker in the legend, the Pareto front's outlined in black."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
     front = {r.method for r in rows if r.pareto}
     colours = plt.get_cmap("tab10")
+    markers = "osD^vPX*hp"
     for i, method in enumerate(dict.fromkeys(r.method for r in runs)):
         rs = [r for r in runs if r.method == method]
         xs = [r.worst_guard_pp for r in rs]
         ys = [100 * (r.target_after - r.target_before) for r in rs]
-        ax.scatter(xs, ys, color=colours(i % 10), label=method, s=40, edgecolor="black" if method in front else "none")
-        ax.annotate(method, (np.mean(xs), np.mean(ys)), fontsize=8, xytext=(4, 4), textcoords="offset points",
-                    fontweight="bold" if method in front else "normal")
+        # each method its own colour and marker, named in the legend (labels beside points overlapped)
+        ax.scatter(xs, ys, color=colours(i % 10), marker=markers[i % len(markers)], s=46, alpha=0.85,
+                   label=method + (" (Pareto front)" if method in front else ""),
+                   edgecolor="black" if method in front else "none", linewidths=1.2)
     worst = min((r.worst_guard_pp for r in runs), default=0.0)
     if worst < -5:  # one method far off (e.g. full fine-tuning): linear near 0, logarithmic beyond
         ax.set_xscale("symlog", linthresh=3.0)
@@ -195,7 +197,7 @@ def plot(runs: list[BenchRun], rows: list[BenchSummary], path: Path) -> Path:
     ax.set_xlabel("worst guard-suite change (pp)   <- forgets more" + (" (symlog: linear within ±3)" if worst < -5 else ""))
     ax.set_ylabel("target-holdout gain (pp)")
     ax.set_title("patch methods: target gain vs retention (one point per seed)")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     import io
