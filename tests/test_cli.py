@@ -89,3 +89,23 @@ def test_small_messages_say_the_right_thing(make_workspace, vit_bundle, tmp_path
     result = runner.invoke(app, ["eval", str(two), "--model", f"local-dir:{vit_bundle}", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["version"] == f"local-dir:{vit_bundle}"
+
+
+def test_the_confusion_matrix_becomes_top_confusions_when_it_does_not_fit():
+    from rich.console import Console
+
+    from vepatch.cli.render import confusion_table
+    from vepatch.records import EvalReport
+
+    def report(k):
+        confusion = [[5 if i == j else (3 if j == (i + 1) % k else 0) for j in range(k)] for i in range(k)]
+        return EvalReport(set_name="s", version="base", classnames=[f"class number {i}" for i in range(k)], n=8 * k,
+                          accuracy=0.6, per_class_recall=[0.6] * k, per_class_n=[8] * k, confusion=confusion)
+
+    for k in (3, 12):
+        console = Console(width=80, record=True)
+        console.print(confusion_table(report(k), 80))
+        text = console.export_text()
+        assert max(len(line) for line in text.splitlines()) <= 80
+        assert ("top confusions" in text) == (k == 12)
+        assert "class number 0" in text

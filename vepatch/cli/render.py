@@ -29,13 +29,25 @@ def eval_table(report: EvalReport) -> Table:
     return table
 
 
-def confusion_table(report: EvalReport) -> Table:
-    table = Table(title="confusion (rows: true, columns: predicted)")
-    table.add_column("")
-    for name in report.classnames:
-        table.add_column(name[:12], justify="right")
-    for i, name in enumerate(report.classnames):
-        table.add_row(name, *[str(c) for c in report.confusion[i]])
+def confusion_table(report: EvalReport, width: int = 80) -> Table:
+    """The confusion matrix when it fits `width`; otherwise its largest off-diagonal cells."""
+    k = len(report.classnames)
+    digits = max(len(str(c)) for row in report.confusion for c in row)
+    if 17 + k * (max(digits, 5) + 3) <= width:  # a 14-character label column, then k columns of 5+ characters
+        table = Table(title="confusion (rows: true, columns: predicted)", title_justify="left")
+        table.add_column("", no_wrap=True, max_width=14)
+        for name in report.classnames:
+            table.add_column(name[:5], justify="right", no_wrap=True)
+        for i, name in enumerate(report.classnames):
+            table.add_row(name, *[str(c) for c in report.confusion[i]])
+        return table
+    cells = sorted(((c, i, j) for i, row in enumerate(report.confusion) for j, c in enumerate(row) if i != j and c),
+                   reverse=True)[:15]
+    table = Table(title=f"top confusions ({k} classes: the full matrix is in --json)", title_justify="left")
+    for col in ("true", "predicted as", "images"):
+        table.add_column(col, justify="right" if col == "images" else "left", no_wrap=True)
+    for c, i, j in cells:
+        table.add_row(report.classnames[i], report.classnames[j], str(c))
     return table
 
 

@@ -62,7 +62,7 @@ def eval_(
         return
     out.print(eval_table(result))
     if confusion:
-        out.print(confusion_table(result))
+        out.print(confusion_table(result, out.width))
     if result.skipped:
         err.print(f"skipped {len(result.skipped)} unreadable file(s): " + "; ".join(
             f"{s.source}: {s.reason}" for s in result.skipped[:5]) + (" ..." if len(result.skipped) > 5 else ""), markup=False)
