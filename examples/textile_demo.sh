@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model, end to end (what `make demo` runs):
 # a workspace on recipes/textile.yaml (built-in guard suites), errors/ from the
-# textile package, then diagnose -> apply -> guard, and the before/after table.
+# textile package, then diagnose -> apply -> guard, the version log and v1's HTML page.
 #   bash examples/textile_demo.sh [WORKSPACE]   (default: demo-ws)
 set -euo pipefail
 ws=${1:-demo-ws}
@@ -24,3 +24,5 @@ vepatch apply --shots 16
 echo "== guard: candidate vs the current version; promoted only if prior tasks are kept"
 vepatch guard || { rc=$?; [ $rc -eq 3 ] && echo "refused (exit 3): kept in .vepatch/candidates/ for inspection"; exit 0; }
 vepatch log
+echo "== the page to read: what v1 fixed and broke, image by image"
+vepatch report v1

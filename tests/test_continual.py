@@ -71,7 +71,7 @@ def test_class_incremental_rounds_are_each_promoted_and_keep_earlier_fixes(make_
     night's fix is promoted and no later night undoes it: every image lost on an earlier
     holdout counts (alpha above 1)."""
     root = _ws(make_workspace, fitted_bundle, tmp_path, apply=dataclasses.replace(FAST, shots=8, epochs=10),
-               min_target_gain_pp=10.0, alpha=1.01)
+               min_target_gain_pp=10.0, alpha=1.0)
     recipe = root / "vepatch.yaml"
     recipe.write_text(recipe.read_text().replace("- blue stripes\n", "- blue stripes\n- yellow cross\n- purple dots\n"))
     ws = Workspace(root)

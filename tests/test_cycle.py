@@ -124,7 +124,7 @@ def test_five_round_stream_keeps_every_accepted_fix(make_workspace, vit_bundle, 
     root = make_workspace(
         vit_bundle, apply=ApplySpec(shots=4, epochs=3, batch_size=4, rank=2, lora_alpha=2.0, augment_scale=1.0),
         guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
-                        min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, alpha=1.01),  # every drop counts
+                        min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, alpha=1.0),  # every drop counts
     )
     result = CliRunner().invoke(app, ["cycle", "--stream", str(stream), "-C", str(root), "--json"])
     assert result.exit_code == 0, result.output

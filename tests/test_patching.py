@@ -124,7 +124,7 @@ def test_guard_refuses_a_harmful_candidate(make_workspace, fitted_bundle, tmp_pa
     ws = store.Workspace(root)
     # tighten the guard: a 1 pp drop on the colours suite is too much
     text = (root / "vepatch.yaml").read_text().replace("max_drop_pp: 100.0", "max_drop_pp: 0.0")
-    text = text.replace("alpha: 0.05", "alpha: 1.01").replace("max_mean_drop_pp: 100.0", "max_mean_drop_pp: 0.0")
+    text = text.replace("alpha: 0.05", "alpha: 1.0").replace("max_mean_drop_pp: 100.0", "max_mean_drop_pp: 0.0")
     (root / "vepatch.yaml").write_text(text)
     result, manifest = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none", "--method", "full", "--lr", "0.5")
     assert result.exit_code == 0, result.output

@@ -74,7 +74,7 @@ def _coerce(value: Any, tp: Any, where: str, strict: bool) -> Any:
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"use one of: {', '.join(map(str, choices))}"
-            raise UsageError(f"{where}: '{value}' is not one of {', '.join(map(str, choices))}", hint)
+            raise UsageError(f"{_at(where)} '{value}' is not one of {', '.join(map(str, choices))}", hint)
         return value
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -104,17 +104,17 @@ def _coerce(value: Any, tp: Any, where: str, strict: bool) -> Any:
                     continue
                 close = difflib.get_close_matches(str(key), names, n=1)
                 hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(names)}"
-                raise UsageError(f"{where}: unknown key '{key}'", hint)
-            kwargs[key] = _coerce(item, hints[key], f"{where}.{key}", strict)
+                raise UsageError(f"{_at(where)} unknown key '{key}'", hint)
+            kwargs[key] = _coerce(item, hints[key], _child(where, key), strict)
             limits = fields[key].metadata.get("range")
             problem = limits.problem(kwargs[key]) if limits else ""
             if problem:
-                raise UsageError(f"{where}.{key}: {problem}",
+                raise UsageError(f"{_child(where, key)}: {problem}",
                                  "give at least one value" if problem == "is empty" else f"use a value {limits.describe()}")
         try:
             return tp(**kwargs)
         except TypeError as exc:  # a required field is missing
-            raise UsageError(f"{where}: {exc}", "add the missing key") from None
+            raise UsageError(f"{_at(where)} {exc}", "add the missing key") from None
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise _type_error(where, "a list", value)
@@ -126,7 +126,7 @@ def _coerce(value: Any, tp: Any, where: str, strict: bool) -> Any:
             raise _type_error(where, "a mapping", value)
         key_tp, val_tp = typing.get_args(tp) or (Any, Any)
         return {
-            _coerce(k, key_tp, where, strict): _coerce(v, val_tp, f"{where}.{k}", strict)
+            _coerce(k, key_tp, where, strict): _coerce(v, val_tp, _child(where, str(k)), strict)
             for k, v in value.items()
         }
     if tp is float:
@@ -152,6 +152,16 @@ def _coerce(value: Any, tp: Any, where: str, strict: bool) -> Any:
     return value
 
 
+def _at(where: str) -> str:
+    """The place as a message prefix: 'recipe.yaml: apply.shots:' (never two colons)."""
+    return where if where.endswith(":") else where + ":"
+
+
+def _child(where: str, key: str) -> str:
+    """'recipe.yaml:' + 'apply' -> 'recipe.yaml: apply'; 'recipe.yaml: apply' + 'shots' -> '... apply.shots'."""
+    return f"{where} {key}" if where.endswith(":") else f"{where}.{key}"
+
+
 def _type_error(where: str, expected: Any, value: Any) -> UsageError:
     expected = expected if isinstance(expected, str) else getattr(expected, "__name__", str(expected))
-    return UsageError(f"{where}: expected {expected}, got {value!r}", "fix the value's type")
+    return UsageError(f"{_at(where)} expected {expected}, got {value!r}", "fix the value's type")

@@ -137,10 +137,10 @@ def load_recipe(path: Path) -> Recipe:
         raise UsageError(f"{path}:{line} is not valid YAML", "fix the syntax") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: a recipe is a mapping of keys", "see recipes/default.yaml")
-    return check_recipe(from_plain(Recipe, data, where=str(path)), str(path))
+    return check_recipe(from_plain(Recipe, data, where=f"{path}:"), f"{path}:")
 
 
-def check_recipe(recipe: Recipe, where: str = "flags") -> Recipe:
+def check_recipe(recipe: Recipe, where: str = "flags:") -> Recipe:
     """Types and choices checked again after flags were applied (a flag bypasses the YAML
     loader), and what types alone cannot say: the method must be a registered one."""
     from .methods import REGISTRY
@@ -151,15 +151,15 @@ def check_recipe(recipe: Recipe, where: str = "flags") -> Recipe:
         import difflib
 
         close = difflib.get_close_matches(recipe.apply.method, list(REGISTRY), n=1)
-        raise UsageError(f"{where}: apply.method '{recipe.apply.method}' is not a method",
+        raise UsageError(f"{where} apply.method '{recipe.apply.method}' is not a method",
                          f"did you mean '{close[0]}'?" if close else f"use one of: {', '.join(REGISTRY)}")
     names: dict[str, str] = {}
     for suite in recipe.guard.suites:
         if suite.label == "target-holdout" or re.fullmatch(r"v\d+-holdout", suite.label):
-            raise UsageError(f"{where}: guard suite name '{suite.label}' ({suite.path}) is reserved for holdouts",
+            raise UsageError(f"{where} guard suite name '{suite.label}' ({suite.path}) is reserved for holdouts",
                              "give the suite another `name:`")
         if suite.label in names:
-            raise UsageError(f"{where}: guard suites {names[suite.label]} and {suite.path} are both named '{suite.label}'",
+            raise UsageError(f"{where} guard suites {names[suite.label]} and {suite.path} are both named '{suite.label}'",
                              "give one of them its own `name:`")
         names[suite.label] = suite.path
     return recipe
