@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import math
 from html import escape
 from pathlib import Path
@@ -51,11 +52,14 @@ def pct_ci(correct: np.ndarray) -> str:
     return f"{100 * k / max(n, 1):.1f}% <span class=muted>[{100 * lo:.0f}–{100 * hi:.0f}]</span>"
 
 
-def table(head: list[str], rows: list[list[str]], left: int = 1) -> str:
-    """Cells are HTML already (callers escape what they did not write)."""
-    ths = "".join(f"<th{' class=l' if i < left else ''}>{h}</th>" for i, h in enumerate(head))
-    trs = "".join("<tr>" + "".join(f"<td{' class=l' if i < left else ''}>{c}</td>" for i, c in enumerate(r)) + "</tr>"
-                  for r in rows)
+def table(head: list[str], rows: list[list[str]], left: int = 1, last_left: bool = False) -> str:
+    """Cells are HTML already (callers escape what they did not write). The first `left`
+    columns (and the last, with `last_left`: a text column) are left-aligned, the rest right."""
+    def cls(i: int) -> str:
+        return " class=l" if i < left or (last_left and i == len(head) - 1) else ""
+
+    ths = "".join(f"<th{cls(i)}>{h}</th>" for i, h in enumerate(head))
+    trs = "".join("<tr>" + "".join(f"<td{cls(i)}>{c}</td>" for i, c in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><tr>{ths}</tr>{trs}</table>"
 
 
@@ -102,8 +106,10 @@ def gallery(kind: str, suite: SuiteEvidence, indices: np.ndarray, loader: Callab
     if len(indices) == 0:
         return f"<p class=muted>{kind}: none</p>"
     names = suite.classnames
+    by_class = [[i for i in indices if suite.labels[i] == k] for k in range(len(names))]
+    shown = [i for group in itertools.zip_longest(*by_class) for i in group if i is not None]  # every class, in turn
     cells = []
-    for i in indices[:MAX_THUMBS]:
+    for i in shown[:MAX_THUMBS]:
         uri = thumbnail(loader(int(i)))
         img = f'<img src="{uri}" alt="{escape(Path(suite.sources[i]).name)}">' if uri else "<div class=muted>(unreadable)</div>"
         cells.append(f'<div class="cell {kind}">{img}<br>true <b>{escape(names[suite.labels[i]])}</b><br>'
@@ -142,13 +148,13 @@ def suites_table(report: GuardReport, proof: Evidence) -> str:
                      f"{change:+.1f} pp", str(len(s.fixed)), str(len(s.broke)),
                      "-" if r is None else f"{r.p_value:.3f}", detects, verdict])
     return table(["suite", "role", "n", "before [95% CI]", "after [95% CI]", "change", "fixed", "broke", "p", "detects",
-                  "verdict"], rows, left=2)
+                  "verdict"], rows, left=2, last_left=True)
 
 
 def strengths_table(report: GuardReport) -> str:
     rows = [[f"{t.strength:g}", "<span class=ok>pass</span>" if t.passed else "<span class=bad>fail</span>",
-             f"{t.mean_guard_change_pp:+.2f} pp", f"<span class=l>{escape(t.why)}</span>"] for t in report.trials]
-    return table(["λ", "", "mean guard change", "why"], rows)
+             f"{t.mean_guard_change_pp:+.2f} pp", escape(t.why)] for t in report.trials]
+    return table(["λ", "", "mean guard change", "why"], rows, last_left=True)
 
 
 def touches(manifest: PatchManifest) -> str:

@@ -143,7 +143,7 @@ def progress_bar(label: str = ""):
             last[stage] = now
             share = f" ({100 * done / total:.0f}%)" if total else ""
             eta = ""
-            if total and 0 < done < total:
+            if total and 2 <= done < total and now > started[stage]:  # an estimate needs a rate
                 eta = f", about {(now - started[stage]) * (total - done) / done:.0f} s left"
             err.print(f"{stage}: {done:,}/{total:,}{share}{eta}", markup=False, highlight=False, soft_wrap=True)
 

@@ -10,12 +10,18 @@ from .._typed import to_plain
 from ..records import Diagnosis, EvalReport
 
 
+def titled(title: str, **kwargs) -> Table:
+    """A table whose title reads on one line: left-aligned, the table at least as wide (to 78)."""
+    kwargs.setdefault("title_justify", "left")
+    return Table(title=title, min_width=min(len(title) + 2, 78), **kwargs)
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
 def eval_table(report: EvalReport) -> Table:
-    table = Table(title=f"{report.set_name} — {report.version}: accuracy {pct(report.accuracy)} on {report.n} images")
+    table = titled(f"{report.set_name} — {report.version}: accuracy {pct(report.accuracy)} on {report.n} images")
     table.add_column("class")
     table.add_column("n", justify="right")
     table.add_column("recall", justify="right")
@@ -34,7 +40,7 @@ def confusion_table(report: EvalReport, width: int = 80) -> Table:
     k = len(report.classnames)
     digits = max(len(str(c)) for row in report.confusion for c in row)
     if 17 + k * (max(digits, 5) + 3) <= width:  # a 14-character label column, then k columns of 5+ characters
-        table = Table(title="confusion (rows: true, columns: predicted)", title_justify="left")
+        table = titled("confusion (rows: true, columns: predicted)")
         table.add_column("", no_wrap=True, max_width=14)
         for name in report.classnames:
             table.add_column(name[:5], justify="right", no_wrap=True)
@@ -43,7 +49,7 @@ def confusion_table(report: EvalReport, width: int = 80) -> Table:
         return table
     cells = sorted(((c, i, j) for i, row in enumerate(report.confusion) for j, c in enumerate(row) if i != j and c),
                    reverse=True)[:15]
-    table = Table(title=f"top confusions ({k} classes: the full matrix is in --json)", title_justify="left")
+    table = titled(f"top confusions ({k} classes: the full matrix is in --json)")
     for col in ("true", "predicted as", "images"):
         table.add_column(col, justify="right" if col == "images" else "left", no_wrap=True)
     for c, i, j in cells:
@@ -52,20 +58,20 @@ def confusion_table(report: EvalReport, width: int = 80) -> Table:
 
 
 def diagnosis_tables(d: Diagnosis, top: int = 12) -> list[Table]:
-    confusions = Table(title=f"{d.n_errors} of {d.n_images} images are errors ({len(d.already_right)} already right, not used)")
+    confusions = titled(f"{d.n_errors} of {d.n_images} images are errors ({len(d.already_right)} already right, not used)")
     confusions.add_column("true")
     confusions.add_column("predicted")
     confusions.add_column("count", justify="right")
     for c in d.confusions:
         confusions.add_row(c.true, c.predicted, str(c.count))
 
-    blocks = Table(title=f"blame by block — top 10% of blocks hold {pct(d.concentration_top10)} of it")
+    blocks = titled(f"blame by block — top 10% of blocks hold {pct(d.concentration_top10)} of it")
     blocks.add_column("block")
     blocks.add_column("share", justify="right")
     for b in d.blocks[:top]:
         blocks.add_row(b.block, pct(b.share))
 
-    loci = Table(title=f"top loci ({d.control if d.control != 'none' else 'gradient'}-selected: {d.selected_params:,} weights)")
+    loci = titled(f"top loci ({d.control if d.control != 'none' else 'gradient'}-selected: {d.selected_params:,} weights)")
     loci.add_column("rank", justify="right")
     loci.add_column("kind")
     loci.add_column("block")
@@ -88,7 +94,7 @@ def guard_tables(report) -> list:
     shown = next((t for t in report.trials if t.strength == report.strength), None) if report.accepted else \
         max(report.trials, key=lambda t: sum(s.change_pp for s in t.suites if s.role == "target"))
     label = "chosen" if report.accepted else "best try"
-    t = Table(title=f"λ {shown.strength:g} ({label}): mean guard change {shown.mean_guard_change_pp:+.2f} pp",
+    t = titled(f"λ {shown.strength:g} ({label}): mean guard change {shown.mean_guard_change_pp:+.2f} pp",
               box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
     for col in ("suite", "n", "before", "after", "change", "p", "detects", ""):
         t.add_column(col, justify="left" if col in ("suite", "") else "right", no_wrap=True)
@@ -124,8 +130,7 @@ def verdict_lines(report) -> list:
 
 
 def log_table(rows, head: str) -> Table:
-    t = Table(title=f"versions (HEAD: {head}); fixed: of the holdout images wrong before; broke: right before",
-              title_justify="left")
+    t = titled(f"versions (HEAD: {head}); fixed, broke: on each version's holdout")
     for col in ("version", "parent", "method", "λ", "fixed", "broke", "bytes", "made (UTC)"):
         t.add_column(col, no_wrap=True)
     for r in rows:
@@ -139,12 +144,12 @@ def log_table(rows, head: str) -> Table:
 
 
 def show_tables(manifest, report) -> list[Table]:
-    t = Table(title=f"{manifest.version or manifest.candidate_id}: {manifest.method} on {manifest.parent}")
+    t = titled(f"{manifest.version or manifest.candidate_id}: {manifest.method} on {manifest.parent}")
     t.add_column("parameter")
     t.add_column("trainable", justify="right")
     for name, count in manifest.masks.items():
         t.add_row(name.removeprefix("visual."), f"{count:,}")
-    info = Table(title="facts")
+    info = titled("facts")
     info.add_column("what")
     info.add_column("value")
     for k, v in [("trainable numbers", f"{manifest.trainable_params:,}"), ("patch bytes", f"{manifest.patch_bytes:,}"),
@@ -158,7 +163,7 @@ def show_tables(manifest, report) -> list[Table]:
 def stream_table(rounds) -> Table:
     names = list(dict.fromkeys(k for r in rounds for k in r.round_accuracy))
     guards = list(dict.fromkeys(k for r in rounds for k in r.guard_accuracy))
-    t = Table(title="continual rounds: HEAD after each round, on every round's holdout so far")
+    t = titled("continual rounds: HEAD after each round, on every round's holdout so far")
     for col in ("round", "status", "HEAD", *names, *guards, "chain bytes"):
         t.add_column(col)
     for r in rounds:
@@ -168,7 +173,7 @@ def stream_table(rounds) -> Table:
 
 
 def outcomes_table(outcomes, title: str) -> Table:
-    t = Table(title=title)
+    t = titled(title)
     for col in ("class", "n", "fixed", "still wrong", "newly wrong", "kept right"):
         t.add_column(col, justify="left" if col == "class" else "right")
     for o in outcomes:
@@ -197,7 +202,7 @@ def cycle_report(r) -> list:
 
 
 def speed_report(r) -> list:
-    t = Table(title=f"{r.model} on {r.device_name} ({r.device}), {r.method}, batch {r.batch_size}")
+    t = titled(f"{r.model} on {r.device_name} ({r.device}), {r.method}, batch {r.batch_size}")
     for col in ("", "images/s", "TFLOP/s", "of bf16 peak"):
         t.add_column(col)
     for name, rate, tf, mfu in (("patch step", r.step_images_per_s, r.step_achieved_tflops_per_s, r.step_mfu),
