@@ -59,3 +59,21 @@ def test_a_large_suite_judges_a_drop_by_the_test():
 def test_a_drop_within_the_bar_passes_whatever_the_size():
     assert verdict(30, lost=1, gained=1).passed
     assert verdict(1000, lost=5, gained=0).passed  # -0.5 pp < 1 pp
+
+
+def test_a_drop_exactly_at_the_bar_passes():
+    assert verdict(200, lost=2, gained=0).passed  # -1.0 pp is not more than 1.0 pp
+
+
+def test_a_suite_the_baseline_reads_at_chance_is_not_judged():
+    """10 classes, baseline right on 10%: its changes are noise and never block a candidate."""
+    n, k = 200, 10
+    labels = np.arange(n) % k
+    before = labels.copy()
+    before[20:] = (labels[20:] + 1) % k  # 20 of 200 right: 10%, chance for 10 classes
+    after = before.copy()
+    after[:10] = (labels[:10] + 1) % k  # 10 of those lost: -5 pp
+    suite = Suite("digits", "guard", ImageSet("digits", "", [str(c) for c in range(k)], []), None, 1.0)
+    result = judge([suite], {"digits": Predictions(labels, before)}, {"digits": Predictions(labels, after)},
+                   GuardSpec(), 1.0)
+    assert result.passed and "at chance" in result.suites[0].why and result.mean_guard_change_pp == 0.0

@@ -66,6 +66,11 @@ def detectable_drop_pp(n: int, alpha: float) -> float:
     return 100.0 * k / n if 0 < k <= n else float("inf")
 
 
+def at_chance(suite: Suite, baseline: Predictions) -> bool:
+    """A guard suite the baseline reads at chance level (≤ 1.5 / classes) guards nothing."""
+    return suite.role == "guard" and baseline.accuracy <= 1.5 / max(1, len(suite.images.classnames))
+
+
 def judge(suites: list[Suite], base: dict[str, Predictions], cand: dict[str, Predictions], spec: GuardSpec, strength: float) -> StrengthResult:
     results, guard_changes = [], []
     for s in suites:
@@ -76,10 +81,12 @@ def judge(suites: list[Suite], base: dict[str, Predictions], cand: dict[str, Pre
         if s.role == "target":
             passed = change >= spec.min_target_gain_pp
             why = "gain ok" if passed else f"gain {change:+.1f} pp < required {spec.min_target_gain_pp:+.1f} pp"
+        elif at_chance(s, b):  # its changes are noise: reported, never judged, not in the mean
+            passed, why = True, "baseline at chance: not judged"
         else:
             guard_changes.append(change)
             too_small = detectable > s.max_drop_pp and spec.small_suites == "strict"
-            over_bar = -change > s.max_drop_pp
+            over_bar = -change > s.max_drop_pp + 1e-9  # 2 images of 200 is a 1.0 pp drop, not more
             passed = not (over_bar and (too_small or p < spec.alpha))
             if not over_bar:
                 why = "kept"
@@ -238,8 +245,8 @@ def _judge(ctx: Context, candidate_id: Optional[str], baseline: Optional[str], m
         base_predictions = predict_all(base_model, suites, bs, ctx.device, cache)
     trials, preds, base = search_strengths(parent, delta, suites, spec, bs, ctx.device, base_predictions, cache)
     notes += [f"{s.name}: the baseline is at chance there ({100 * base[s.name].accuracy:.1f}%, "
-              f"{len(s.images.classnames)} classes), so it guards nothing" for s in suites
-              if s.role == "guard" and base[s.name].accuracy <= 1.5 / max(1, len(s.images.classnames))]
+              f"{len(s.images.classnames)} classes), so it guards nothing and is not judged" for s in suites
+              if at_chance(s, base[s.name])]
     best = choose(trials)
     shown = best or max(trials, key=target_gain)  # a refusal still says what the best try did
     report = GuardReport(
