@@ -180,7 +180,7 @@ def waiting_candidate(ws: Workspace) -> str:
             return cid
     newest_candidate(ws)  # none at all: "run `vepatch apply` first"
     raise NothingToDo(f"{ws.candidates}: every candidate `vepatch apply` made is judged already",
-                      "run `vepatch apply` for a new one, or name a candidate (`vepatch log --candidates` lists them)")
+                      "run `vepatch apply` for a new one, or name one: vepatch guard ID (ids: ls .vepatch/candidates/)")
 
 
 def check_unjudged(ws: Workspace, candidate_id: str) -> None:
