@@ -77,3 +77,17 @@ def test_a_suite_the_baseline_reads_at_chance_is_not_judged():
     result = judge([suite], {"digits": Predictions(labels, before)}, {"digits": Predictions(labels, after)},
                    GuardSpec(), 1.0)
     assert result.passed and "at chance" in result.suites[0].why and result.mean_guard_change_pp == 0.0
+
+
+def test_an_earlier_versions_holdout_is_judged_however_low_its_accuracy():
+    """Two classes at 50%: chance for a recipe suite, but a version's holdout guards a fix."""
+    labels = np.array([0, 1] * 15)
+    before = labels.copy()
+    before[:15] = 1 - labels[:15]  # 15 of 30 right
+    after = before.copy()
+    after[15:17] = 1 - labels[15:17]  # 2 more lost: -6.7 pp
+    for holdout, judged in ((True, True), (False, False)):
+        suite = Suite("v1-holdout", "guard", ImageSet("v1", "", ["a", "b"], []), None, 1.0, holdout=holdout)
+        result = judge([suite], {"v1-holdout": Predictions(labels, before)}, {"v1-holdout": Predictions(labels, after)},
+                       GuardSpec(max_mean_drop_pp=100.0), 1.0)
+        assert result.passed is not judged

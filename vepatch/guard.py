@@ -36,6 +36,7 @@ class Suite:
     images: ImageSet
     head: torch.Tensor
     max_drop_pp: float
+    holdout: bool = False  # an earlier version's holdout: always judged (it was a fix when accepted)
 
 
 def mcnemar_p(before: np.ndarray, after: np.ndarray) -> float:
@@ -66,9 +67,13 @@ def detectable_drop_pp(n: int, alpha: float) -> float:
     return 100.0 * k / n if 0 < k <= n else float("inf")
 
 
-def at_chance(suite: Suite, baseline: Predictions) -> bool:
-    """A guard suite the baseline reads at chance level (≤ 1.5 / classes) guards nothing."""
-    return suite.role == "guard" and baseline.accuracy <= 1.5 / max(1, len(suite.images.classnames))
+def at_chance(suite: Suite, baseline: Predictions, alpha: float = 0.05) -> bool:
+    """A recipe guard suite the baseline does not read better than chance (one-sided binomial
+    test against 1/classes at `alpha`) guards nothing: its changes are noise."""
+    n, k = len(baseline.labels), max(1, len(suite.images.classnames))
+    if suite.role != "guard" or suite.holdout or n == 0:
+        return False
+    return binomtest(int(baseline.correct.sum()), n, 1.0 / k, alternative="greater").pvalue >= alpha
 
 
 def judge(suites: list[Suite], base: dict[str, Predictions], cand: dict[str, Predictions], spec: GuardSpec, strength: float) -> StrengthResult:
@@ -81,7 +86,7 @@ def judge(suites: list[Suite], base: dict[str, Predictions], cand: dict[str, Pre
         if s.role == "target":
             passed = change >= spec.min_target_gain_pp
             why = "gain ok" if passed else f"gain {change:+.1f} pp < required {spec.min_target_gain_pp:+.1f} pp"
-        elif at_chance(s, b):  # its changes are noise: reported, never judged, not in the mean
+        elif at_chance(s, b, spec.alpha):  # its changes are noise: reported, never judged, not in the mean
             passed, why = True, "baseline at chance: not judged"
         else:
             guard_changes.append(change)
@@ -212,7 +217,7 @@ def guard_suites(ctx: Context, loaded: LoadedModel, manifest: PatchManifest, bas
         ref = store.read_manifest(ctx.workspace, v).holdout
         images = open_holdout(dataclasses.replace(ref, name=f"{v}-holdout"), ctx.workspace.root)
         suites.append(Suite(images.name, "guard", images, text_head(loaded, images.classnames, ref.templates),
-                            recipe.guard.holdout_max_drop_pp))
+                            recipe.guard.holdout_max_drop_pp, holdout=True))
     return suites, notes
 
 
@@ -246,7 +251,7 @@ def _judge(ctx: Context, candidate_id: Optional[str], baseline: Optional[str], m
     trials, preds, base = search_strengths(parent, delta, suites, spec, bs, ctx.device, base_predictions, cache)
     notes += [f"{s.name}: the baseline is at chance there ({100 * base[s.name].accuracy:.1f}%, "
               f"{len(s.images.classnames)} classes), so it guards nothing and is not judged" for s in suites
-              if at_chance(s, base[s.name])]
+              if at_chance(s, base[s.name], spec.alpha)]
     best = choose(trials)
     shown = best or max(trials, key=target_gain)  # a refusal still says what the best try did
     report = GuardReport(
