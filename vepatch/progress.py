@@ -50,14 +50,6 @@ def advance(n: int) -> None:
         stage.listener(stage.name, stage.done, stage.total)
 
 
-def set_done(done: int) -> None:
-    """Jump to `done` (work that came from a cache counts as done)."""
-    stage = _current.get()
-    if stage is not None and stage.name:
-        stage.done = done
-        stage.listener(stage.name, done, stage.total)
-
-
 def steps(name: str) -> Callable[[int, int], None]:
     """A (step, total) callback for a training loop, reported as stage `name`."""
 

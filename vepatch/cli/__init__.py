@@ -9,6 +9,7 @@ calls one library function and renders. No loops over data, no file writing here
   cycle.py       cycle (cron), cycle --stream
   bench.py       bench, speed
   render.py      rich tables
+  progress_view.py  the library's progress as a bar (terminal) or lines (cron)
 """
 
 from ._app import app

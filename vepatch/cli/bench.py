@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..methods import names as method_names
-from ._app import command, emit_json, err, out, progress_bar
+from ._app import command, emit_json, err, out
+from .progress_view import progress_bar
 from .options import DeviceOpt, JsonOpt, WorkspaceOpt
 
 

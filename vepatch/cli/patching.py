@@ -9,7 +9,8 @@ import typer
 
 
 from ..methods import names as method_names
-from ._app import command, emit_json, out, progress_bar
+from ._app import command, emit_json, out
+from .progress_view import progress_bar
 from .options import DeviceOpt, JsonOpt, WorkspaceOpt
 
 
