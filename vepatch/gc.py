@@ -31,11 +31,11 @@ def candidate_garbage(ws: Workspace) -> list[Garbage]:
     found = []
     for cid in store.candidates(ws):
         folder = ws.candidate_dir(cid)
-        verdict = store.read_candidate_verdict(ws, cid)
+        verdict, version = store.read_candidate_verdict(ws, cid), store.version_of(ws, cid)
         if verdict is not None and not verdict.accepted:
             why = "refused candidate"
-        elif store.version_of(ws, cid):
-            why = f"promoted: {store.version_of(ws, cid)} holds it"
+        elif version:
+            why = f"promoted: {version} holds it"
         elif read_record(PatchManifest, folder / CANDIDATE_FILE).origin == "bench":
             why = "bench run (its results are in .vepatch/bench/)"
         else:

@@ -188,7 +188,7 @@ def check_unjudged(ws: Workspace, candidate_id: str) -> None:
     version = version_of(ws, candidate_id)
     if version:
         raise UsageError(f"candidate {candidate_id} is already {version}", f"`vepatch show {version}` shows its verdict")
-    verdict = read_candidate_verdict(ws, candidate_id) if (ws.candidate_dir(candidate_id) / CANDIDATE_FILE).is_file() else None
+    verdict = read_candidate_verdict(ws, candidate_id)
     if verdict is not None:
         raise UsageError(f"candidate {candidate_id} was judged already ({'accepted' if verdict.accepted else 'refused'})",
                          f"`vepatch show {candidate_id}` shows why; `vepatch apply` makes a new candidate")
@@ -213,7 +213,7 @@ def read_candidate(ws: Workspace, candidate_id: str) -> tuple[PatchManifest, Del
 def write_version(ws: Workspace, manifest: PatchManifest, delta: Delta, report: GuardReport, evidence: bytes,
                   make_current: bool = True) -> str:
     """Write an accepted candidate (delta already scaled to the chosen strength) as the next vN."""
-    set_aside_numbers = [int(d.name[1:5]) for d in (ws.store / "quarantine").glob("v[0-9][0-9][0-9][0-9]-*")]
+    set_aside_numbers = [int(d.name[1:5]) for d in ws.set_aside.glob("v[0-9][0-9][0-9][0-9]-*")]
     number = max([int(v[1:]) for v in versions(ws)] + set_aside_numbers + [0]) + 1  # a set-aside vN is never reused
     version = f"v{number}"
     folder = version_dir(ws, version)
@@ -294,7 +294,7 @@ def set_aside(ws: Workspace, base: LoadedModel) -> list[tuple[str, Path]]:
         raise UsageError(f"HEAD is {current}, which does not verify (or is built on a version that does not)",
                          f"roll back first: vepatch rollback {_last_good(ws, doomed)}")
     moved = []
-    target = ws.store / "quarantine"
+    target = ws.set_aside
     stamp = clock.stamp()
     for v in reversed(doomed):  # newest first: a crash midway never leaves a child without its parent
         folder = version_dir(ws, v)

@@ -125,6 +125,11 @@ class Workspace:
     def prediction_cache(self) -> Path:
         return self.store / "cache" / "predictions"
 
+    @property
+    def set_aside(self) -> Path:
+        """Versions and candidates that did not verify, moved out of the chain (`verify --quarantine`)."""
+        return self.store / "quarantine"
+
     def archive_day(self, day: str) -> Path:
         return self.root / "archive" / day
 
