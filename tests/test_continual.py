@@ -320,3 +320,21 @@ def test_the_cycle_report_keeps_bracketed_notes(make_workspace, vit_bundle, tmp_
     _drop(root, seed=70)
     result = CliRunner().invoke(app, ["cycle", "-C", str(root)], env={"COLUMNS": "200"})
     assert result.exit_code in (0, 3) and "[gone: not there, skipped (optional);" in result.output, result.output
+
+
+def test_a_big_drop_trains_each_image_fewer_times_not_for_longer():
+    """A night with more drops than apply.shots per class keeps the image passes of
+    apply.epochs x apply.shots per class (README 'One night's wall time')."""
+    from vepatch.cycle import night_epochs
+    from vepatch.data import ImageSet, Sample
+
+    def drops(per_class: int, classes: int = 3) -> ImageSet:
+        return ImageSet("shots", "", [str(k) for k in range(classes)],
+                        [Sample(f"{k}/{i}.png", k) for k in range(classes) for i in range(per_class)])
+
+    spec = ApplySpec(shots=16, epochs=30)
+    assert night_epochs(spec, drops(16)) == 30  # shots per class: the recipe's epochs
+    assert night_epochs(spec, drops(5)) == 30  # fewer: never more than the recipe's epochs
+    assert night_epochs(spec, drops(24)) == 20  # 72 drops over 3 classes: 1,440 passes, 20 epochs
+    assert night_epochs(spec, drops(24)) * 24 * 3 == 30 * 16 * 3
+    assert night_epochs(ApplySpec(shots=1, epochs=1), drops(50)) == 1  # at least one pass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import signal
@@ -29,6 +30,7 @@ from .errors import NothingToDo, VepatchError
 from .fsio import append_line, write_text_atomic
 from .inbox import (InboxFile, Quarantined, file_sha256, inbox_dir, labelled_pool, quarantine, scan_inbox, seen_hashes,
                     split_holdout, stage, staged_samples)
+from .recipe import ApplySpec
 from .records import ClassOutcome
 
 Step = Literal["staged", "diagnosed", "applied", "judged", "done", "failed", "abandoned"]
@@ -197,8 +199,11 @@ def _advance(ctx: Context, state: CycleState) -> CycleState:
         save_state(ctx, state)
         fault_point("after-diagnose")
     if state.step == "diagnosed":
-        recipe = dataclasses.replace(ctx.recipe, seed=state.seed)
-        manifest = run_apply(ctx, recipe, plan_cycle(ctx, state), "latest")
+        plan = plan_cycle(ctx, state)
+        spec = ctx.recipe.apply
+        recipe = dataclasses.replace(ctx.recipe, seed=state.seed,
+                                     apply=dataclasses.replace(spec, epochs=night_epochs(spec, plan.shots)))
+        manifest = run_apply(ctx, recipe, plan, "latest")
         state = dataclasses.replace(state, step="applied", candidate_id=manifest.candidate_id)
         save_state(ctx, state)
         fault_point("after-apply")
@@ -242,6 +247,14 @@ def plan_cycle(ctx: Context, state: CycleState) -> ShotPlan:
     holdout = holdout_set(ctx, state)
     return ShotPlan(pool.subset(sorted(chosen), "shots"), holdout_ref(holdout, f"cycle {state.cycle_id}", recipe, ctx.workspace),
                     state.cycle_id, pool.subset(others, "reference") if others else None)
+
+
+def night_epochs(spec: ApplySpec, shots: ImageSet) -> int:
+    """Epochs for a night that trains on every new image: as many image passes as apply.epochs
+    over apply.shots per class would take, so a big drop sees each image fewer times instead
+    of making the night longer (never fewer than one pass, never more than apply.epochs)."""
+    budget = spec.epochs * spec.shots * len({s.label for s in shots.samples})
+    return max(1, min(spec.epochs, math.ceil(budget / max(1, len(shots)))))
 
 
 def version_holdouts(ctx: Context) -> set[str]:
