@@ -239,7 +239,7 @@ def test_export_peft_for_a_plain_lora_patch(make_workspace, vit_bundle, tmp_path
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from vepatch.methods.lora import lora_targets
+    from vepatch.methods.lora import attention_modules, lora_targets
     from vepatch.models import load_model
     from vepatch.context import open_context
 
@@ -253,12 +253,15 @@ def test_export_peft_for_a_plain_lora_patch(make_workspace, vit_bundle, tmp_path
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 4.0
     model = load_model(f"local-dir:{vit_bundle}").model
-    assert sorted(cfg["target_modules"]) == sorted("visual." + t for t in lora_targets(model.visual))
+    attention = attention_modules(model.visual)
+    assert attention  # the baseline adapts attention (fused Q/K/V) too
+    assert sorted(cfg["target_modules"]) == sorted("visual." + t for t in lora_targets(model.visual) + attention)
     inject_adapter_in_model(LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"]), model)
     adapted = {n.rsplit(".lora_", 1)[0] for n, _ in model.named_parameters() if ".lora_" in n}
     assert adapted and all(n.startswith("visual.") for n in adapted)  # never the text tower
     weights = {k.removeprefix("base_model.model."): v for k, v in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).items()}
-    set_peft_model_state_dict(model, weights)
+    loaded_keys = set_peft_model_state_dict(model, weights)
+    assert not loaded_keys.unexpected_keys, loaded_keys.unexpected_keys
     ours, _ = open_context(root).model("v1")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -25,8 +25,13 @@ class Context:
     def base(self) -> LoadedModel:
         if "base" not in self._models:
             spec = self.recipe.model
-            self._models["base"] = load_model(spec.ref, self._pretrained(), online=spec.online)
+            self._models["base"] = self._on_device(load_model(spec.ref, self._pretrained(), online=spec.online))
         return self._models["base"]
+
+    def _on_device(self, loaded: LoadedModel) -> LoadedModel:
+        """Every model a command uses lives on the context's device, moved once, here."""
+        loaded.model.to(self.device)
+        return loaded
 
     def base_fingerprint(self) -> str:
         return self.base().fingerprint
@@ -53,7 +58,7 @@ class Context:
             loaded = store.apply_version(self.workspace, fresh, manifest.parent)
             apply_delta(loaded.model, delta)
             loaded.fingerprint = fingerprint(loaded.model.visual)
-        self._models[name] = loaded
+        self._models[name] = self._on_device(loaded)
         return loaded, name
 
     def prediction_cache(self):

