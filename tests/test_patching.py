@@ -388,3 +388,21 @@ def test_guard_output_fits_80_columns_and_says_what_next(make_workspace, vit_bun
     assert _invoke("apply", "-C", str(root), "--diagnosis", "none")[0].exit_code == 0
     result = runner.invoke(app, ["guard", "-C", str(root)], env={"COLUMNS": "80"})
     assert "same shots as v1" in result.output
+
+
+def test_sparse_indices_take_the_narrowest_integer_type_and_round_trip(tmp_path):
+    delta = Delta()
+    for name, shape in (("small", (100, 300)), ("fc1", (1536, 384))):
+        mask = torch.zeros(shape, dtype=torch.bool)
+        mask.view(-1)[torch.arange(0, mask.numel(), 97)] = True
+        mask.view(-1)[-1] = True  # the last entry's index must survive the narrow type
+        delta.add_sparse(name, torch.randn(shape), mask)
+    assert delta.tensors["small#sparse.index"].dtype == torch.int16  # 30,000 entries
+    assert delta.tensors["fc1#sparse.index"].dtype == torch.int32  # 589,824 entries
+    path = tmp_path / "delta.safetensors"
+    path.write_bytes(delta.to_bytes())
+    back = Delta.from_file(path)
+    for name, shape in (("small", (100, 300)), ("fc1", (1536, 384))):
+        like = torch.zeros(shape)
+        assert torch.equal(back.change_for(name, like), delta.change_for(name, like))
+        assert back.change_for(name, like).view(-1)[-1] == delta.tensors[f"{name}#sparse.value"][-1]

@@ -2,7 +2,7 @@
 
 Three kinds of entries, all linear in the delta, so theta + lambda * delta keeps the same
 sparsity and rank for any strength lambda:
-  sparse   '<param>#sparse.index' (int64 flat indices) + '<param>#sparse.value'
+  sparse   '<param>#sparse.index' (flat indices, the narrowest integer type that holds them) + '<param>#sparse.value'
   lowrank  '<param>#lowrank.up' (rows x r) @ '<param>#lowrank.down' (r x cols), reshaped to the param
   dense    '<param>#dense' (same shape as the param)
 Stored as safetensors only; never pickle.
@@ -33,7 +33,8 @@ class Delta:
     def add_sparse(self, name: str, change: torch.Tensor, mask: torch.Tensor) -> None:
         """The entries of `change` that `mask` allows (all of them, zeros included)."""
         index = torch.nonzero(mask.reshape(-1)).reshape(-1)
-        self.tensors[f"{name}#sparse.index"] = index.to(torch.int64).contiguous()
+        narrow = next(t for t in (torch.int16, torch.int32, torch.int64) if mask.numel() <= torch.iinfo(t).max + 1)
+        self.tensors[f"{name}#sparse.index"] = index.to(narrow).contiguous()
         self.tensors[f"{name}#sparse.value"] = change.reshape(-1)[index].contiguous()
 
     def add_lowrank(self, name: str, up: torch.Tensor, down: torch.Tensor) -> None:
@@ -48,7 +49,7 @@ class Delta:
         out = torch.zeros(like.numel(), dtype=torch.float32)
         t = self.tensors
         if f"{name}#sparse.index" in t:
-            out.index_add_(0, t[f"{name}#sparse.index"], t[f"{name}#sparse.value"].float())
+            out.index_add_(0, t[f"{name}#sparse.index"].long(), t[f"{name}#sparse.value"].float())
         out = out.reshape(like.shape)
         if f"{name}#lowrank.up" in t:
             out += (t[f"{name}#lowrank.up"].float() @ t[f"{name}#lowrank.down"].float()).reshape(like.shape)
@@ -91,6 +92,9 @@ class Delta:
         bad = [k for k in tensors if "#" not in k or k.split("#", 1)[1] not in KINDS]
         if bad:
             raise StoreError(f"{path}: unexpected entry '{bad[0]}'", "it is refused; this is not a vepatch delta")
+        floating = [k for k, v in tensors.items() if k.endswith("sparse.index") and v.is_floating_point()]
+        if floating:
+            raise StoreError(f"{path}: '{floating[0]}' holds no integer indices", "it is refused; this is not a vepatch delta")
         return cls(tensors)
 
 
