@@ -1,16 +1,18 @@
 """Fit default-vit's alignment head (vepatch/models/default_vit_head.safetensors), LIFT-style.
 
-The DINOv2 ViT-S/14 tower stays frozen; only its final norm (`ln_post`, 768 numbers) and a
-384x384 projection into MiniLM's text space are fitted, so that the ViT's zero-shot logits over
-ImageNet's 1000 class prompts match those of the embedded `default` base (whose image embeddings
-already live in MiniLM space, DeViSE-style, METHODS.md §7): KL(teacher || student) on the logits
-plus 1 - cos between the two image embeddings. Images: ../shared/data/unlabelled-cifar10-train
-(4,000 CIFAR-10 training images; the labels in the file names are never used for fitting).
-Every fifth image is held out to report how well the student agrees with
-the teacher and CIFAR-10 zero-shot accuracy. Never fit on imagenette-guard: that is how the
+The DINOv2 ViT-S/14 tower stays frozen, and so does its final norm (`ln_post`); only a 384x384
+projection into MiniLM's text space is fitted, by ridge regression (closed form, lambda = 10)
+from the normed class token onto the image embeddings of the embedded `default` base, which
+already live in MiniLM space (DeViSE-style, METHODS.md §7), so the ViT inherits its zero-shot
+head over any class names. Images: ../shared/data/unlabelled-cifar10-train (4,000 CIFAR-10
+training images; the labels in the file names are never used for fitting). Every fifth image
+is held out to report how often the student's ImageNet top-1 agrees with the teacher's and
+CIFAR-10 zero-shot accuracy; on those, ridge did as well as Adam on KL + cosine losses
+(agreement 0.26 against 0.20-0.26, CIFAR-10 0.30 against 0.26-0.30) and is exact to rerun.
+Never fit on imagenette-guard: that is how the
 base is measured.
 
-    python examples/fit_default_vit_head.py [--data DIR] [--out FILE] [--steps N]
+    python examples/fit_default_vit_head.py [--data DIR] [--out FILE] [--ridge 10] [--cache FILE]
 
 Prints the data hash, the held-out figures and writes the head with them in its metadata.
 Reruns on the same data and package versions give the same head up to float rounding.
@@ -31,7 +33,6 @@ from vepatch.models import load_model
 from vepatch.models.default_vit import HEAD_FILE, IMAGE_SIZE, backbone_model, class_token, vit_config
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-SCALE = 50.0  # the embedded bases' logit scale
 
 
 def data_hash(files: list[Path]) -> str:
@@ -61,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared/data/unlabelled-cifar10-train")
     parser.add_argument("--out", type=Path, default=HEAD_FILE)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--ridge", type=float, default=10.0, help="ridge penalty lambda")
     parser.add_argument("--cache", type=Path, default=None, help="keep the extracted features here between runs")
     args = parser.parse_args()
     import open_clip
@@ -72,7 +73,6 @@ def main() -> None:
         raise SystemExit(f"{args.data}: no images (it should hold unlabelled-cifar10-train)")
     digest = data_hash(files)
     print(f"{len(files)} images, sha256 {digest}")
-    torch.manual_seed(0)
     teacher = load_model("default")
     vit = backbone_model(head=False)
     pre = vit_config("")["preprocess_cfg"]
@@ -90,30 +90,16 @@ def main() -> None:
         cifar = teacher.model.encode_text(teacher.tokenizer([f"a photo of a {c}." for c in CIFAR10]), normalize=True)
 
     n = len(files)
-    rows_file = torch.arange(n)
-    held = rows_file % 5 == 0  # every fifth image
+    held = torch.arange(n) % 5 == 0  # every fifth image
     fit_t, fit_s, val_t, val_s = t_emb[~held], s_tok[~held], t_emb[held], s_tok[held]
 
-    weight, bias = vit.visual.ln_post.weight.detach().clone(), vit.visual.ln_post.bias.detach().clone()
-    with torch.no_grad():  # start from least squares: normed tokens -> teacher embeddings
-        normed = F.layer_norm(fit_s, (fit_s.shape[-1],), weight, bias, eps=1e-6)
-        proj = torch.linalg.lstsq(normed, fit_t).solution
-    params = [p.requires_grad_() for p in (weight, bias, proj)]
-    opt = torch.optim.Adam(params, lr=1e-3)
-    target = F.softmax(SCALE * fit_t @ imagenet.T, dim=-1)
-    for step in range(args.steps):
-        emb = student_embed(fit_s, *params)
-        loss = F.kl_div(F.log_softmax(SCALE * emb @ imagenet.T, dim=-1), target, reduction="batchmean") + (1 - (emb * fit_t).sum(-1)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 250 == 0 or step == args.steps - 1:
-            print(f"  step {step}: loss {loss.item():.4f}", flush=True)
-
+    weight, bias = vit.visual.ln_post.weight.detach(), vit.visual.ln_post.bias.detach()
+    normed = F.layer_norm(fit_s, (fit_s.shape[-1],), weight, bias, eps=1e-6)
+    proj = torch.linalg.solve(normed.T @ normed + args.ridge * torch.eye(normed.shape[1]), normed.T @ fit_t)
     with torch.no_grad():
-        emb = student_embed(val_s, *params)
+        emb = student_embed(val_s, weight, bias, proj)
         agree = (emb @ imagenet.T).argmax(-1).eq((val_t @ imagenet.T).argmax(-1)).float().mean().item()
-        labels = torch.tensor([CIFAR10.index(files[int(i)].name.rsplit("_", 1)[0]) for i in rows_file[held]])
+        labels = torch.tensor([CIFAR10.index(files[int(i)].name.rsplit("_", 1)[0]) for i in torch.nonzero(held).reshape(-1)])
         student_acc = (emb @ cifar.T).argmax(-1).eq(labels).float().mean().item()
         teacher_acc = (val_t @ cifar.T).argmax(-1).eq(labels).float().mean().item()
     figures = {"imagenet_top1_agreement": round(agree, 4), "cifar10_zero_shot": round(student_acc, 4),
@@ -123,9 +109,8 @@ def main() -> None:
 
     metadata = {"script": "examples/fit_default_vit_head.py", "data": args.data.name, "data_files": str(n),
                 "data_sha256": digest, "teacher": "vepatch default base (" + teacher.fingerprint[:16] + ")",
-                "steps": str(args.steps), **{k: str(v) for k, v in figures.items()}}
-    save_file({"visual.ln_post.weight": weight.detach().contiguous(), "visual.ln_post.bias": bias.detach().contiguous(),
-               "visual.proj": proj.detach().contiguous()}, str(args.out), metadata=metadata)
+                "ridge": str(args.ridge), **{k: str(v) for k, v in figures.items()}}
+    save_file({"visual.proj": proj.contiguous()}, str(args.out), metadata=metadata)
     print(f"written: {args.out}")
 
 

@@ -338,3 +338,21 @@ def test_a_big_drop_trains_each_image_fewer_times_not_for_longer():
     assert night_epochs(spec, drops(24)) == 20  # 72 drops over 3 classes: 1,440 passes, 20 epochs
     assert night_epochs(spec, drops(24)) * 24 * 3 == 30 * 16 * 3
     assert night_epochs(ApplySpec(shots=1, epochs=1), drops(50)) == 1  # at least one pass
+
+
+def test_replay_balances_earlier_classes_with_tonight_s(make_workspace, vit_bundle, tmp_path):
+    """A night bringing more than apply.shots of a class replays each earlier class with as many
+    images, so the new class does not outweigh the ones it could erase."""
+    from collections import Counter
+
+    from vepatch.context import open_context
+    from vepatch.cycle import plan_cycle, unfinished
+
+    root = _ws(make_workspace, vit_bundle, tmp_path)  # apply.shots 4
+    _drop(root, seed=31, per_class=10, classes=["red square"])
+    assert _cycle(root).returncode in (0, 3)
+    _drop(root, seed=32, per_class=10, classes=["green circle"])
+    assert _cycle(root, fault="after-stage").returncode == -9
+    ctx = open_context(root)
+    counts = Counter(Path(s.source).parent.name for s in plan_cycle(ctx, unfinished(ctx)).shots.samples)
+    assert counts == {"green_circle": 7, "red_square": 7}  # 10 dropped, 3 held out; not 7 and 4

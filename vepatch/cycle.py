@@ -18,6 +18,7 @@ import math
 import os
 import random
 import signal
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -238,11 +239,14 @@ def plan_cycle(ctx: Context, state: CycleState) -> ShotPlan:
     tonight_classes = {pool.samples[i].label for i in tonight}
     classes = {s.label for s in pool.samples} if recipe.apply.retain == "replay" else tonight_classes
     rng, tonight_set = random.Random(state.seed), set(tonight)
+    have = Counter(pool.samples[i].label for i in tonight)
+    # balanced: an earlier class is replayed with as many images as tonight's biggest class
+    # brings, so that no class outweighs another in tonight's update
+    per_class = max([recipe.apply.shots, *have.values()])
     chosen = list(tonight)
     for k in sorted(classes):
-        have = sum(1 for i in tonight if pool.samples[i].label == k)
         earlier = [i for i, s in enumerate(pool.samples) if s.label == k and i not in tonight_set]
-        chosen += rng.sample(earlier, max(0, min(len(earlier), recipe.apply.shots - have)))
+        chosen += rng.sample(earlier, max(0, min(len(earlier), per_class - have[k])))
     others = [i for i, s in enumerate(pool.samples) if s.label not in tonight_classes]
     holdout = holdout_set(ctx, state)
     return ShotPlan(pool.subset(sorted(chosen), "shots"), holdout_ref(holdout, f"cycle {state.cycle_id}", recipe, ctx.workspace),

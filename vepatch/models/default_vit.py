@@ -13,10 +13,10 @@ conv has none) is folded into the patch position embeddings; the 37x37 position 
 to 16x16 as the ONNX graph itself does (bicubic, a = -0.75, half-pixel). `check_against_onnx`
 compares the result with onnxruntime's.
 
-Text: the default base's frozen MiniLM tower. The two meet through an alignment head
-(`ln_post` + `proj`, 148k numbers) fitted LIFT-style by `examples/fit_default_vit_head.py` and
-committed as `default_vit_head.safetensors` (its metadata names the script, the data and their
-hashes), so a machine without that data builds the same base.
+Text: the default base's frozen MiniLM tower. The two meet through an alignment head (`proj`,
+384 x 384) fitted LIFT-style against the frozen text space by `examples/fit_default_vit_head.py`
+and committed as `default_vit_head.safetensors` (its metadata names the script, the data and
+their hashes), so a machine without that data builds the same base.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ DEFAULT_VIT_REF = "default-vit"
 DEFAULT_VIT_BUNDLE = "default-vit-v1"  # bump when the tower, the head or the config changes
 HEAD_FILE = Path(__file__).with_name("default_vit_head.safetensors")
 IMAGE_SIZE, PATCH, WIDTH, LAYERS, HEADS = 224, 14, 384, 12, 6
-HEAD_KEYS = ("visual.ln_post.weight", "visual.ln_post.bias", "visual.proj")
+HEAD_KEYS = ("visual.proj",)
 
 
 def ensure_default_vit_bundle() -> Path:
