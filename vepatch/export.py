@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import UsageError
 from .fsio import write_bytes_atomic, write_text_atomic
 from .models import LoadedModel
-from .models.default import embedded_bundle
+from .models.load import embedded_bundle
 
 
 def _source_config(ref: str) -> tuple[dict, Path | None]:

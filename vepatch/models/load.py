@@ -15,13 +15,14 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from ..errors import ModelError
-from .default import DEFAULT_REF, embedded_bundle
+from .default import DEFAULT_REF, ensure_default_bundle
+from .default_vit import DEFAULT_VIT_REF, ensure_default_vit_bundle
 
 
 @dataclass
@@ -66,6 +67,12 @@ def load_model(ref: str = DEFAULT_REF, pretrained: str = "", online: bool = Fals
         raise ModelError(f"{ref}: cannot load model ({_first_line(exc)})", "check the model reference") from exc
     model.eval()
     return LoadedModel(model, preprocess, tokenizer, ref, fingerprint(model.visual))
+
+
+def embedded_bundle(ref: str) -> Optional[Path]:
+    """The local-dir bundle of an embedded base (built on first use), or None for other refs."""
+    builders = {DEFAULT_REF: ensure_default_bundle, DEFAULT_VIT_REF: ensure_default_vit_bundle}
+    return builders[ref]() if ref in builders else None
 
 
 def _load_named(name: str, pretrained: str):
