@@ -9,7 +9,7 @@ from vepatch.recipe import ApplySpec, DataSpec, GuardSpec, GuardSuite
 
 
 def _run(method, seed, after, worst):
-    return BenchRun(method, seed, "c", 10, 100, 1.0, 1.0, 0.2, after, {"g": worst}, {"g": 1.0})
+    return BenchRun(method, seed, "c", 10, 100, 1.0, 1.0, 0.2, after, {"g": worst}, {"g": 1.0}, 0.5, 0.3, {"g": 0.0})
 
 
 def test_pareto_front_is_the_undominated_methods():
@@ -18,6 +18,7 @@ def test_pareto_front_is_the_undominated_methods():
     assert front == {"a", "c", "d"}  # b is worse than a on both axes
     a = next(r for r in rows if r.method == "a")
     assert abs(a.target_gain_pp_mean - 60.0) < 1e-9 and a.worst_guard_pp_mean == -0.1
+    assert a.guard_strengths == [0.5] and abs(a.target_gain_at_guard_pp_mean - 10.0) < 1e-9
 
 
 def test_bench_writes_json_markdown_and_plot(make_workspace, vit_bundle, tmp_path):
@@ -25,7 +26,10 @@ def test_bench_writes_json_markdown_and_plot(make_workspace, vit_bundle, tmp_pat
     guard_set = tiny.make_folder(tmp_path / "guardset", 3, seed=9)
     root = make_workspace(vit_bundle, shot_pool=DataSpec(path=str(pool)),
                           apply=ApplySpec(shots=3, epochs=1, augment_scale=1.0),
-                          guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours")]))
+                          # a permissive guard that searches strengths without 1.0: the bench must
+                          # still score strength 1, and name the strength the guard promotes
+                          guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+                                          min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[0.25, 0.5]))
     result = CliRunner().invoke(app, ["bench", "-C", str(root), "--methods", "lorsu,ln", "--seeds", "2", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
@@ -40,3 +44,11 @@ def test_bench_writes_json_markdown_and_plot(make_workspace, vit_bundle, tmp_pat
     assert page.count("<tr>") == 3 and "<td class=l>lorsu</td>" in page and 'src="data:image/png;base64,' in page
     # bench candidates are never judged implicitly
     assert CliRunner().invoke(app, ["guard", "-C", str(root)]).exit_code == 4
+    # the strength the bench scores "at the guard's lambda" is the one the guard itself chooses
+    for run in out["runs"][:2]:
+        judged = CliRunner().invoke(app, ["guard", "-C", str(root), run["candidate_id"], "--no-promote", "--json"])
+        assert judged.exit_code in (0, 3), judged.output
+        verdict = json.loads(judged.stdout)
+        assert verdict["accepted"] and verdict["strength"] == run["guard_strength"] in (0.25, 0.5)
+        chosen = next(t for t in verdict["trials"] if t["strength"] == verdict["strength"])
+        assert abs(next(x["after"] for x in chosen["suites"] if x["role"] == "target") - run["target_at_guard"]) < 1e-9

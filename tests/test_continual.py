@@ -219,7 +219,8 @@ def test_retain_decides_which_earlier_images_a_night_trains_on(make_workspace, v
     ctx = open_context(root)
     state = unfinished(ctx)
     for retain, expected in (("replay", {"red_square", "green_circle"}), ("none", {"green_circle"}),
-                             ("batch-classes", {"green_circle"}), ("distill", {"green_circle"})):
+                             ("batch-classes", {"green_circle"}), ("distill", {"green_circle"}),
+                             ("replay+distill", {"red_square", "green_circle"})):
         plan = plan_cycle(dataclasses.replace(ctx, recipe=with_overrides(ctx.recipe, {"apply.retain": retain})), state)
         assert {Path(s.source).parent.name for s in plan.shots.samples} == expected, retain
         assert {Path(s.source).parent.name for s in plan.reference.samples} == {"red_square"}  # distill's reference set

@@ -204,6 +204,12 @@ def test_every_method_trains_a_candidate(make_workspace, vit_bundle, tmp_path, m
     result, manifest = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none", "--method", method)
     assert result.exit_code == 0, result.output
     assert manifest["trainable_params"] > 0 and manifest["method"] == method
+    # counted: the numbers that can change, not what the patch file stores (a head-masked LoRA
+    # factor keeps zero rows for the heads that were not chosen)
+    assert manifest["trainable_params"] == sum(manifest["masks"].values())
+    if method in ("lorsu-random", "lorsu-heads"):
+        _, delta = store.read_candidate(store.Workspace(root), manifest["candidate_id"])
+        assert manifest["trainable_params"] < delta.trainable_count()
 
 
 def test_l2_and_distillation_regularize_the_delta(make_workspace, vit_bundle, tmp_path):
@@ -213,14 +219,31 @@ def test_l2_and_distillation_regularize_the_delta(make_workspace, vit_bundle, tm
     text = (root / "vepatch.yaml").read_text().replace("reference: null", f"reference:\n  path: {ref}")
     (root / "vepatch.yaml").write_text(text)
     norms = {}
-    for name, l2, retain in (("plain", 0.0, "replay"), ("l2", 10.0, "replay"), ("distill", 0.0, "distill")):
+    for name, l2, retain in (("plain", 0.0, "replay"), ("l2", 10.0, "replay"), ("distill", 0.0, "distill"),
+                             ("replay+distill", 0.0, "replay+distill")):
         t = text.replace("l2: 0.0", f"l2: {l2}").replace("retain: replay", f"retain: {retain}").replace("distill: 1.0", "distill: 50.0")
         (root / "vepatch.yaml").write_text(t)
         result, manifest = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none", "--method", "full")
         assert result.exit_code == 0, result.output
         _, delta = store.read_candidate(store.Workspace(root), manifest["candidate_id"])
         norms[name] = sum(float(v.float().pow(2).sum()) for v in delta.tensors.values())
-    assert norms["l2"] < norms["plain"] and norms["distill"] < norms["plain"]
+    assert norms["l2"] < norms["plain"] and norms["distill"] < norms["plain"] and norms["replay+distill"] < norms["plain"]
+
+
+def test_distillation_vocabulary_adds_imagenet_s_classes_to_the_reference_s(make_workspace, vit_bundle, tmp_path):
+    from vepatch.apply import reference_logits
+    from vepatch.context import open_context
+    from vepatch.recipe import with_overrides
+
+    ref = tiny.make_folder(tmp_path / "ref", 2, seed=11)
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=1)
+    (root / "vepatch.yaml").write_text((root / "vepatch.yaml").read_text().replace("reference: null", f"reference:\n  path: {ref}"))
+    ctx = open_context(root)
+    own = len(tiny.CLASSES)
+    for vocabulary, classes in (("reference", own), ("imagenet", own + 1000)):
+        recipe = with_overrides(ctx.recipe, {"apply.distill_vocabulary": vocabulary})
+        images, logits, head = reference_logits(ctx, ctx.base(), recipe)
+        assert len(images) == 2 * own and logits.shape == (2 * own, classes) and head.shape[0] == classes, vocabulary
 
 
 def test_guard_never_picks_a_bench_candidate_implicitly(make_workspace, vit_bundle, tmp_path):

@@ -150,7 +150,7 @@ def _apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan], diagnosis: st
     if spec.loss == "contrastive":  # (classes, templates, dim): one random template per image
         prompts = torch.stack([text_head(loaded, recipe.classes, [t]) for t in recipe.templates], dim=1)
     # distillation: on the recipe's reference set, or a cycle's earlier images (none on a first night: nothing to keep yet)
-    distill = spec.retain == "distill" and not (plan.cycle and plan.reference is None and recipe.reference is None)
+    distill = spec.distills and not (plan.cycle and plan.reference is None and recipe.reference is None)
     reference = reference_logits(ctx, loaded, recipe, plan.reference) if distill else None
     objective = Objective(head, loaded.model.logit_scale.exp().detach(), prompts, reference)
     from .runtime.oom import retry_on_oom
@@ -179,7 +179,7 @@ def _apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan], diagnosis: st
         strength=1.0,
         patch_sha256=sha256_bytes(data),
         patch_bytes=len(data),
-        trainable_params=delta.trainable_count(),
+        trainable_params=sum(allowed.values()),
         masks=allowed,
         seed=recipe.seed,
         shots_hash=shots.content_hash(),
@@ -231,7 +231,13 @@ def reference_logits(ctx: Context, loaded: LoadedModel, recipe: Recipe, fallback
     if len(images) > recipe.apply.distill_images:
         pick = sorted(random.Random(recipe.seed).sample(range(len(images)), recipe.apply.distill_images))
         images = images.subset(pick)
-    ref_head = text_head(loaded, images.classnames, recipe.templates)
+    vocabulary = list(images.classnames)
+    if recipe.apply.distill_vocabulary == "imagenet":  # the reference's own classes, then ImageNet's 1000
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        own = {c.lower() for c in vocabulary}
+        vocabulary += [c for c in IMAGENET_CLASSNAMES if c.lower() not in own]
+    ref_head = text_head(loaded, vocabulary, recipe.templates)
     batches, logits = [], []
     scale = loaded.model.logit_scale.exp().detach()
     with torch.no_grad():

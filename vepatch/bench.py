@@ -4,6 +4,7 @@ evaluation runs here, paired against the parent."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,10 +18,9 @@ import numpy as np
 from . import clock, store
 from ._typed import to_plain
 from .context import Context
-from .delta import apply_delta, restore
 from .errors import VepatchError
 from .fsio import write_text_atomic
-from .guard import guard_suites, mcnemar_p, predict_all
+from .guard import choose, guard_suites, mcnemar_p, search_strengths
 from .report import bench_page
 from .records import PatchManifest
 
@@ -36,8 +36,13 @@ class BenchRun:
     peak_memory_mb: float
     target_before: float
     target_after: float
-    guard_change_pp: dict[str, float]  # suite -> after - before, percentage points
-    guard_p: dict[str, float]  # suite -> McNemar p
+    guard_change_pp: dict[str, float]  # suite -> after - before, percentage points (at strength 1)
+    guard_p: dict[str, float]  # suite -> McNemar p (at strength 1)
+    # what the guard's search would promote: its strength (0.0: it refuses, the parent stays)
+    # and the target accuracy and guard changes there
+    guard_strength: float
+    target_at_guard: float
+    guard_change_pp_at_guard: dict[str, float]
 
     @property
     def worst_guard_pp(self) -> float:
@@ -54,6 +59,8 @@ class BenchSummary:
     guard_change_pp_mean: dict[str, float]
     guard_change_pp_std: dict[str, float]
     worst_guard_pp_mean: float
+    guard_strengths: list[float]  # per seed, the strength the guard would promote (0.0: refused)
+    target_gain_at_guard_pp_mean: float  # the target gain at those strengths (0 for a refusal)
     trainable_params: int
     patch_bytes: int
     apply_seconds_mean: float
@@ -92,19 +99,23 @@ def _run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, e
             manifest = apply_in_subprocess(ctx.workspace.root, method, seed, shots, extra or [])
             _, delta = store.read_candidate(ctx.workspace, manifest.candidate_id)
             suites, _ = guard_suites(ctx, parent, manifest, version)
-            base = predict_all(parent, suites, ctx.recipe.batch_size, ctx.device, cache)
-            originals = apply_delta(parent.model, delta)
-            try:
-                after = predict_all(parent, suites, ctx.recipe.batch_size, ctx.device)
-            finally:
-                restore(parent.model, originals)
+            # scored at strength 1 and at the strength the guard's own search would promote
+            spec = ctx.recipe.guard
+            trials, preds, base = search_strengths(parent, delta, suites, dataclasses.replace(
+                spec, strengths=sorted({*spec.strengths, 1.0})), ctx.recipe.batch_size, ctx.device, cache=cache)
+            after = preds[1.0]
+            best = choose([t for t in trials if t.strength in spec.strengths])
             guards = [s.name for s in suites if s.role == "guard"]
+            at_guard = {r.name: r for r in best.suites} if best else {}
             runs.append(BenchRun(
                 method, seed, manifest.candidate_id, manifest.trainable_params, manifest.patch_bytes,
                 manifest.metrics.apply_seconds, manifest.metrics.peak_memory_mb,
                 base["target-holdout"].accuracy, after["target-holdout"].accuracy,
                 {g: 100 * (after[g].accuracy - base[g].accuracy) for g in guards},
                 {g: mcnemar_p(base[g].correct, after[g].correct) for g in guards},
+                best.strength if best else 0.0,
+                at_guard["target-holdout"].after if best else base["target-holdout"].accuracy,
+                {g: at_guard[g].change_pp if best else 0.0 for g in guards},
             ))
             step += 1
             if progress:
@@ -139,6 +150,7 @@ def summarize(runs: list[BenchRun]) -> list[BenchSummary]:
             {s: float(np.mean([r.guard_change_pp[s] for r in rs])) for s in suites},
             {s: float(np.std([r.guard_change_pp[s] for r in rs])) for s in suites},
             float(np.mean([r.worst_guard_pp for r in rs])),
+            [r.guard_strength for r in rs], float(np.mean([100 * (r.target_at_guard - r.target_before) for r in rs])),
             rs[0].trainable_params, rs[0].patch_bytes,
             float(np.mean([r.apply_seconds for r in rs])), float(np.mean([r.peak_memory_mb for r in rs])), False,
         ))
@@ -155,12 +167,14 @@ def summarize(runs: list[BenchRun]) -> list[BenchSummary]:
 
 def markdown(rows: list[BenchSummary]) -> str:
     suites = list(rows[0].guard_change_pp_mean) if rows else []
-    head = ["method", "target acc", "gain pp", *[f"{s} Δpp" for s in suites], "worst Δpp", "params", "bytes", "apply s", "peak MB", "Pareto"]
+    head = ["method", "target acc", "gain pp", *[f"{s} Δpp" for s in suites], "worst Δpp", "guard λ", "gain at guard λ",
+            "params", "bytes", "apply s", "peak MB", "Pareto"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.method, f"{100 * r.target_after_mean:.1f} ± {100 * r.target_after_std:.1f}", f"{r.target_gain_pp_mean:+.1f}",
                  *[f"{r.guard_change_pp_mean[s]:+.1f} ± {r.guard_change_pp_std[s]:.1f}" for s in suites],
-                 f"{r.worst_guard_pp_mean:+.1f}", f"{r.trainable_params:,}", f"{r.patch_bytes:,}",
+                 f"{r.worst_guard_pp_mean:+.1f}", " / ".join(f"{g:g}" if g else "—" for g in r.guard_strengths),
+                 f"{r.target_gain_at_guard_pp_mean:+.1f}", f"{r.trainable_params:,}", f"{r.patch_bytes:,}",
                  f"{r.apply_seconds_mean:.0f}", f"{r.peak_memory_mb_mean:.0f}", "yes" if r.pareto else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -237,7 +237,7 @@ def plan_cycle(ctx: Context, state: CycleState) -> ShotPlan:
     tonight_dir = str(ws.cycle_train(state.cycle_id))
     tonight = [i for i, s in enumerate(pool.samples) if s.source.startswith(tonight_dir + os.sep)]
     tonight_classes = {pool.samples[i].label for i in tonight}
-    classes = {s.label for s in pool.samples} if recipe.apply.retain == "replay" else tonight_classes
+    classes = {s.label for s in pool.samples} if recipe.apply.replays else tonight_classes
     rng, tonight_set = random.Random(state.seed), set(tonight)
     have = Counter(pool.samples[i].label for i in tonight)
     # balanced: an earlier class is replayed with as many images as tonight's biggest class

@@ -75,13 +75,27 @@ class ApplySpec:
     # how an update keeps earlier fixes (README "Continual"): 'replay' = shots from every class
     # labelled so far; 'batch-classes' = tonight's classes, cross-entropy over the classes
     # present in each batch; 'distill' = tonight's classes + KL to the parent on reference
-    # images; 'none' = tonight's classes, plain cross-entropy. Outside a cycle, only the loss
-    # part (batch-classes) and distillation (with `reference:`) apply.
-    retain: Literal["replay", "batch-classes", "distill", "none"] = "replay"
+    # images; 'replay+distill' = both; 'none' = tonight's classes, plain cross-entropy.
+    # Outside a cycle, only the loss part (batch-classes) and distillation (with `reference:`) apply.
+    retain: Literal["replay", "batch-classes", "distill", "replay+distill", "none"] = "replay"
     distill: float = ranged(1.0, lo=0)  # weight of KL(parent || candidate) when apply.retain is 'distill'
     distill_images: int = ranged(256, lo=1)  # reference images kept in memory for distillation
+    # the classes the parent's and the candidate's distributions are compared over: 'reference' =
+    # the reference set's own (a cycle's: the recipe's classes); 'imagenet' = those plus ImageNet's
+    # 1000 class names (open_clip ships them; ZSCL's idea: a wide vocabulary keeps what the base knew)
+    distill_vocabulary: Literal["reference", "imagenet"] = "reference"
     wise_alpha: float = ranged(0.5, lo=0, hi=1)  # full+wise: weight of the fine-tuned model in the average (WiSE-FT's default)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @property
+    def replays(self) -> bool:
+        """A cycle trains on every class labelled so far, not only tonight's."""
+        return self.retain in ("replay", "replay+distill")
+
+    @property
+    def distills(self) -> bool:
+        """The loss adds KL(parent || candidate) on reference images."""
+        return self.retain in ("distill", "replay+distill")
 
     @property
     def learning_rate(self) -> float:

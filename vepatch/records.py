@@ -145,8 +145,8 @@ class PatchManifest:
     strength: float  # lambda the delta is stored at (1.0 for candidates)
     patch_sha256: str
     patch_bytes: int
-    trainable_params: int
-    masks: dict[str, int]  # param -> trainable numbers there (masked entries, or LoRA factor sizes)
+    trainable_params: int  # numbers that can change: the sum of `masks` (not what the patch file stores)
+    masks: dict[str, int]  # param -> trainable numbers there (masked entries, or LoRA factors' unmasked rows)
     seed: int
     shots_hash: str
     holdout: HoldoutRef
