@@ -52,3 +52,36 @@ def test_bench_writes_json_markdown_and_plot(make_workspace, vit_bundle, tmp_pat
         assert verdict["accepted"] and verdict["strength"] == run["guard_strength"] in (0.25, 0.5)
         chosen = next(t for t in verdict["trials"] if t["strength"] == verdict["strength"])
         assert abs(next(x["after"] for x in chosen["suites"] if x["role"] == "target") - run["target_at_guard"]) < 1e-9
+
+
+def test_base_to_new_trains_on_the_base_classes_only_and_measures_both(vit_bundle, tmp_path):
+    from pathlib import Path
+
+    from vepatch import store
+    from vepatch.basenew import harmonic_mean
+    from vepatch.recipe import ModelSpec, Recipe
+    from vepatch.workspace import init_workspace
+
+    classes = tiny.CLASSES + tiny.NEW_CLASSES  # CoOp's split: the first 3 are base, the last 2 new
+    pool = tiny.make_folder(tmp_path / "pool", 6, seed=5, classes=classes)
+    root = tmp_path / "ws"
+    init_workspace(root, Recipe(model=ModelSpec(ref=f"local-dir:{vit_bundle}"), classes=list(classes),
+                                shot_pool=DataSpec(path=str(pool)), apply=ApplySpec(shots=2, epochs=1, augment_scale=1.0)))
+    result = CliRunner().invoke(app, ["bench", "-C", str(root), "--base-new", "--methods", "lorsu", "--seeds", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["base"] == classes[:3] and out["new"] == classes[3:]
+    (run,) = out["runs"]
+    assert abs(run["h_after"] - harmonic_mean(run["base_after"], run["new_after"])) < 1e-12
+    sub = store.Workspace(Path(out["folder"]) / "workspace")
+    manifest, _ = store.read_candidate(sub, run["candidate_id"])
+    base_folders = {c.replace(" ", "_") for c in classes[:3]}
+    assert manifest.train_files and {Path(f).parent.name for f in manifest.train_files} <= base_folders
+    assert manifest.recipe.classes == classes[:3] and manifest.holdout.classnames == classes[:3]
+    assert (Path(out["folder"]) / "base-new.md").read_text().startswith("base: red square")
+
+    small = tmp_path / "small"
+    init_workspace(small, Recipe(model=ModelSpec(ref=f"local-dir:{vit_bundle}"), classes=list(tiny.CLASSES),
+                                 shot_pool=DataSpec(path=str(pool))))
+    refused = CliRunner().invoke(app, ["bench", "-C", str(small), "--base-new", "--methods", "lorsu"])
+    assert refused.exit_code == 2 and "at least 4 classes" in refused.output

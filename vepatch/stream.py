@@ -144,7 +144,7 @@ def bench_stream(ctx: Context, stream: Path, methods: list[str], retains: list[s
     for method in methods:
         for retain in retains:
             label = method if len(retains) == 1 else f"{method}/{retain}"
-            recipe = with_overrides(_absolute_paths(ctx, ctx.recipe), {"apply.method": method, "apply.retain": retain})
+            recipe = with_overrides(absolute_paths(ctx, ctx.recipe), {"apply.method": method, "apply.retain": retain})
             root = folder / label.replace("/", "-")
             init_workspace(root, recipe)
             sub = Context(Workspace(root.resolve()), recipe, ctx.device)
@@ -155,7 +155,7 @@ def bench_stream(ctx: Context, stream: Path, methods: list[str], retains: list[s
     return folder, runs
 
 
-def _absolute_paths(ctx: Context, recipe):
+def absolute_paths(ctx: Context, recipe):
     import dataclasses
 
     def fix(spec):

@@ -20,6 +20,7 @@ def bench(
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds 0..N-1 (each seed: its own shots and holdout).")] = 3,
     stream: Annotated[Optional[Path], typer.Option("--stream", help="Instead: drive each method through the rounds of STREAM/<round>/ (LoRSU's protocol).")] = None,
     retain: Annotated[Optional[str], typer.Option("--retain", help="With --stream: comma-separated apply.retain settings to compare (default: the recipe's).")] = None,
+    base_new: Annotated[bool, typer.Option("--base-new", help="Instead: train on the first half of the classes only, report base, new and H (CoOp's protocol).")] = False,
     workspace: WorkspaceOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
@@ -47,6 +48,18 @@ def bench(
             emit_json({"runs": runs, "folder": str(folder)})
         else:
             out.print(stream_markdown(runs))
+            out.print(f"written: {folder}")
+        return
+    if base_new:
+        from ..basenew import bench_base_new
+
+        with progress_bar("bench") as advance:
+            folder, result, table = bench_base_new(ctx, chosen, list(range(seeds)), shots or ctx.recipe.apply.shots,
+                                                   ["--device", ctx.device], advance)
+        if as_json:
+            emit_json({**result, "folder": str(folder)})
+        else:
+            out.print(table)
             out.print(f"written: {folder}")
         return
     with progress_bar("bench") as advance:
