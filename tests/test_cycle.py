@@ -104,6 +104,46 @@ def test_a_second_cycle_exits_5_while_one_holds_the_lock(make_workspace, vit_bun
     assert _run(root).returncode in (0, 3)  # the kernel released the killed holder's lock
 
 
+def test_measuring_head_between_rounds_goes_through_the_prediction_cache(make_workspace, vit_bundle, tmp_path):
+    """HEAD's predictions on the guard suites are kept, so the next night's guard (whose
+    baseline is that HEAD) does not compute them again."""
+    from vepatch.context import open_context
+    from vepatch.stream import measure_head
+
+    root = _cycle_ws(make_workspace, vit_bundle, tmp_path)
+    ctx = open_context(root)
+    kept = Workspace(root).prediction_cache
+    first = measure_head(ctx, "start", "-", "", {})
+    entries = sorted(kept.glob("*.npy"))
+    assert first.guard_accuracy and entries
+    again = measure_head(ctx, "start", "-", "", {})
+    assert again == first and sorted(kept.glob("*.npy")) == entries
+
+
+def test_a_promoted_version_s_predictions_are_kept_as_the_guard_made_them(make_workspace, vit_bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from vepatch.cli import app
+    from vepatch.context import open_context, open_guard_suite
+    from vepatch.evaluate import predict
+    from vepatch.models.heads import text_head
+    from vepatch.stream import measure_head
+
+    root = _cycle_ws(make_workspace, vit_bundle, tmp_path)
+    assert CliRunner().invoke(app, ["apply", "-C", str(root), "--diagnosis", "none"]).exit_code == 0
+    assert CliRunner().invoke(app, ["guard", "-C", str(root)]).exit_code == 0  # permissive: promoted v1
+    kept = Workspace(root).prediction_cache
+    entries = sorted(kept.glob("*.npy"))
+    ctx = open_context(root)
+    measured = measure_head(ctx, "after", "promoted", "", {})
+    assert measured.version == "v1" and sorted(kept.glob("*.npy")) == entries  # nothing computed again
+    loaded, _ = ctx.model("v1")  # and what was kept is what v1 predicts
+    suite = next(s for s in ctx.recipe.guard.suites if s.name == "colours")
+    images = open_guard_suite(ctx, suite)
+    fresh = predict(loaded, text_head(loaded, images.classnames, suite.templates), images, ctx.recipe.batch_size, ctx.device)
+    assert measured.guard_accuracy["colours"] == fresh.accuracy
+
+
 def test_five_round_stream_keeps_every_accepted_fix(make_workspace, vit_bundle, tmp_path):
     """LoRSU's protocol on the tiny model: one class group per round; each accepted round's
     holdout joins the guards, so at the end every fix is still there (within 1 pp)."""

@@ -112,6 +112,16 @@ def judge(suites: list[Suite], base: dict[str, Predictions], cand: dict[str, Pre
     return StrengthResult(strength, results, mean_change, passed, "; ".join(reasons) or "all checks pass")
 
 
+def keep_predictions(cache: PredictionCache, fingerprint: str, loaded: LoadedModel, suites: list[Suite],
+                     preds: dict[str, Predictions], batch_size: int, device: str) -> None:
+    """Keep a promoted version's predictions as the guard made them (the caller checked that the
+    weights it judged have the version's `fingerprint`): the next night's guard, whose baseline
+    it is, and the measurements between stream rounds find them made."""
+    for s in suites:
+        k = key(fingerprint, loaded.preprocess, s.head, s.images, batch_size, device)
+        cache.get_or_compute(k, s.images.labels, lambda s=s: preds[s.name])
+
+
 def predict_all(loaded: LoadedModel, suites: list[Suite], batch_size: int, device: str,
                 cache: PredictionCache | None = None) -> dict[str, Predictions]:
     """One plain pass per suite (nothing kept), or the cache's copy of it."""
@@ -274,6 +284,8 @@ def _judge(ctx: Context, candidate_id: Optional[str], baseline: Optional[str], m
         version = store.write_version(ws, dataclasses.replace(manifest, strength=best.strength, fingerprint=fp),
                                       scaled, report, proof, make_current=make_current)
         report = dataclasses.replace(report, version=version)
+        if cache is not None and patched_fingerprint(parent.model, delta, best.strength) == fp:
+            keep_predictions(cache, fp, parent, suites, preds[best.strength], bs, ctx.device)
     store.write_verdict(ws, manifest.candidate_id, report, proof)
     ws.log("guard", candidate=manifest.candidate_id, baseline=baseline, accepted=report.accepted,
            strength=report.strength, version=version, reason=report.reason)

@@ -77,13 +77,19 @@ def measure_head(ctx: Context, name: str, status: str, cycle_id: str, cycles: di
     from .evaluate import predict
     from .models.heads import text_head
 
+    from .runtime.predcache import key
+
     ws = ctx.workspace
     version = store.head(ws)
     loaded, _ = ctx.model(version)
+    cache, bs = ctx.prediction_cache(), ctx.recipe.batch_size
 
     def accuracy(images, templates) -> float:
+        # through the prediction cache: an accepted round's holdout is read once, and the next
+        # night's guard finds HEAD's predictions on its suites already made
         head = text_head(loaded, images.classnames, templates)
-        return predict(loaded, head, images, ctx.recipe.batch_size, ctx.device).accuracy
+        k = key(loaded.fingerprint, loaded.preprocess, head, images, bs, ctx.device)
+        return cache.get_or_compute(k, images.labels, lambda: predict(loaded, head, images, bs, ctx.device)).accuracy
 
     by_id = {s.cycle_id: s for s in states(ctx)}
     rounds = {}
