@@ -230,9 +230,10 @@ def test_l2_and_distillation_regularize_the_delta(make_workspace, vit_bundle, tm
     assert norms["l2"] < norms["plain"] and norms["distill"] < norms["plain"] and norms["replay+distill"] < norms["plain"]
 
 
-def test_distillation_vocabulary_adds_imagenet_s_classes_to_the_reference_s(make_workspace, vit_bundle, tmp_path):
+def test_distillation_reference_and_vocabulary(make_workspace, vit_bundle, tmp_path):
     from vepatch.apply import reference_logits
     from vepatch.context import open_context
+    from vepatch.data import open_image_set
     from vepatch.recipe import with_overrides
 
     ref = tiny.make_folder(tmp_path / "ref", 2, seed=11)
@@ -244,6 +245,10 @@ def test_distillation_vocabulary_adds_imagenet_s_classes_to_the_reference_s(make
         recipe = with_overrides(ctx.recipe, {"apply.distill_vocabulary": vocabulary})
         images, logits, head = reference_logits(ctx, ctx.base(), recipe)
         assert len(images) == 2 * own and logits.shape == (2 * own, classes) and head.shape[0] == classes, vocabulary
+    # in a cycle, earlier nights' images are distilled on beside the recipe's reference set
+    earlier = open_image_set(tiny.make_folder(tmp_path / "earlier", 1, seed=12, classes=tiny.NEW_CLASSES), tiny.NEW_CLASSES)
+    images, logits, head = reference_logits(ctx, ctx.base(), ctx.recipe, earlier)
+    assert len(images) == 2 * own + len(tiny.NEW_CLASSES) and logits.shape[1] == head.shape[0] == own + len(tiny.NEW_CLASSES)
 
 
 def test_guard_never_picks_a_bench_candidate_implicitly(make_workspace, vit_bundle, tmp_path):

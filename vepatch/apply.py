@@ -16,7 +16,7 @@ import torch
 
 from . import __version__, clock, store
 from .context import Context
-from .data import ImageSet, open_image_set, split_shots
+from .data import merge_sets, ImageSet, open_image_set, split_shots
 from .delta import patched_fingerprint
 from .diagnose import mean_gradients
 from .errors import DataError, UsageError
@@ -212,22 +212,25 @@ def train_preprocess(loaded: LoadedModel, min_scale: float):
 
 
 def reference_logits(ctx: Context, loaded: LoadedModel, recipe: Recipe, fallback: Optional[ImageSet] = None):
-    """(images, parent logits, head) on the recipe's reference set (or `fallback`: a cycle's
-    earlier labelled images, used without their labels), for KL distillation."""
+    """(images, parent logits, head) for KL distillation, on the recipe's reference set and
+    `fallback` (a cycle's earlier labelled images, used without their labels): the first keeps
+    what the base knew of other images, the second what earlier nights taught."""
     from .evaluate import loader
 
+    sets = []
     if recipe.reference is not None:
         spec = recipe.reference
         path = ctx.resolve(spec.path).resolve()
         if any(ctx.resolve(g.path).resolve() == path for g in recipe.guard.suites):
             raise UsageError(f"{ctx.workspace.recipe_path}: the reference set {spec.path} is also a guard suite",
                              "distill on other images: a guard suite must stay unseen to measure anything")
-        images = open_image_set(path, None, spec.folders, spec.name or "reference", spec.max_per_class, recipe.seed)
-    elif fallback is not None and len(fallback):
-        images = fallback
-    else:
+        sets.append(open_image_set(path, None, spec.folders, spec.name or "reference", spec.max_per_class, recipe.seed))
+    if fallback is not None and len(fallback):
+        sets.append(fallback)
+    if not sets:
         raise UsageError("apply.retain: distill needs reference images",
                          "set `reference: {path: ...}` in vepatch.yaml (any unlabelled images that are no guard suite)")
+    images = merge_sets("reference", sets)
     if len(images) > recipe.apply.distill_images:
         pick = sorted(random.Random(recipe.seed).sample(range(len(images)), recipe.apply.distill_images))
         images = images.subset(pick)

@@ -229,7 +229,8 @@ def _advance(ctx: Context, state: CycleState) -> CycleState:
 def plan_cycle(ctx: Context, state: CycleState) -> ShotPlan:
     """Tonight's training images, plus earlier labelled ones per apply.retain ('replay': every
     class seen so far; otherwise tonight's classes only), up to apply.shots per class; the
-    holdout is tonight's; the reference set (retain: distill) is the earlier images of other classes."""
+    holdout is tonight's; the reference set (retain: *distill) is the earlier images of other classes
+    (beside the recipe's `reference:`, if any)."""
     recipe, ws = ctx.recipe, ctx.workspace
     every = states(ctx)
     usable = [s.cycle_id for s in every if s.step not in ("failed", "abandoned")]

@@ -107,6 +107,17 @@ def class_of_folder(folder: str, classnames: Sequence[str], folders: dict[str, s
     return next((i for i, c in enumerate(classnames) if _name_key(c) == target), None)
 
 
+def merge_sets(name: str, sets: Sequence[ImageSet]) -> ImageSet:
+    """One set of every image of `sets`, their class names joined in order (labels re-indexed).
+    A set read from a saved `datasets` dataset cannot share its rows with files: it is returned alone."""
+    backed = [s for s in sets if s.dataset is not None]
+    if len(sets) == 1 or backed:
+        return (backed or list(sets))[0]
+    classnames = list(dict.fromkeys(c for s in sets for c in s.classnames))
+    samples = [Sample(x.source, classnames.index(s.classnames[x.label])) for s in sets for x in s.samples]
+    return ImageSet(name, sets[0].root, classnames, samples)
+
+
 def open_image_set(
     root: Path,
     classnames: Sequence[str] | None = None,

@@ -129,7 +129,7 @@ class Recipe:
     classes: list[str] = field(default_factory=list)  # target class names; errors/<folder> maps onto these
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # prompts; '{}' or '{c}' is the class
     shot_pool: DataSpec | None = None  # labelled target images for apply's shots and holdout (cycle: optional extra pool)
-    reference: DataSpec | None = None  # images to distill the parent on (apply.retain: distill); never a guard suite
+    reference: DataSpec | None = None  # images to distill the parent on (apply.retain: distill, replay+distill); never a guard suite
     inbox: str = "inbox"  # where operators drop misclassified images (<class>/*.jpg), for `cycle`
     seed: int = ranged(0, lo=0)  # one seed for sampling, masks and training
     batch_size: int = ranged(32, lo=1)  # images per forward pass in eval and guard (fastest on the CPU: README, Speed)
