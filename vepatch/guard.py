@@ -116,10 +116,10 @@ def keep_predictions(cache: PredictionCache, fingerprint: str, loaded: LoadedMod
                      preds: dict[str, Predictions], batch_size: int, device: str) -> None:
     """Keep a promoted version's predictions as the guard made them (the caller checked that the
     weights it judged have the version's `fingerprint`): the next night's guard, whose baseline
-    it is, and the measurements between stream rounds find them made."""
+    it is, and the measurements between stream rounds find them made. The writer alone calls
+    this (under torchrun the other ranks have returned), so no collective is involved."""
     for s in suites:
-        k = key(fingerprint, loaded.preprocess, s.head, s.images, batch_size, device)
-        cache.get_or_compute(k, s.images.labels, lambda s=s: preds[s.name])
+        cache.put(key(fingerprint, loaded.preprocess, s.head, s.images, batch_size, device), preds[s.name])
 
 
 def predict_all(loaded: LoadedModel, suites: list[Suite], batch_size: int, device: str,

@@ -50,11 +50,17 @@ class PredictionCache:
         self.misses += 1
         result = compute()
         if distributed.is_writer():
+            self.put(key_, result)
+        return result
+
+    def put(self, key_: str, predictions: Predictions) -> None:
+        """Keep `predictions` under `key_` (a writer's call: no collective, unlike get_or_compute)."""
+        path = self.folder / f"{key_}.npy"
+        if _read(path, len(predictions.preds)) is None:
             buf = io.BytesIO()
-            np.save(buf, result.preds.astype(np.int64), allow_pickle=False)
+            np.save(buf, predictions.preds.astype(np.int64), allow_pickle=False)
             write_bytes_atomic(path, buf.getvalue())
             self._prune()
-        return result
 
     def _prune(self) -> None:
         files = sorted(self.folder.glob("*.npy"), key=lambda f: f.stat().st_mtime_ns)
