@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 from . import clock, store
 from ._typed import to_plain
-from .context import Context
+from .context import Context, absolute_paths
 from .data import ImageSet, Sample, open_holdout, open_image_set
 from .delta import apply_delta, restore
 from .errors import UsageError
@@ -67,7 +67,6 @@ def bench_base_new(ctx: Context, methods: list[str], seeds: list[int], shots: in
     """Every method x seed trained on the base classes; results in .vepatch/bench/<utc>-base-new/.
     Returns the folder, the result (as base-new.json holds it) and its markdown table."""
     from .bench import apply_in_subprocess
-    from .stream import absolute_paths
     from .workspace import Workspace, init_workspace
 
     recipe = ctx.recipe

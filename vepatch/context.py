@@ -100,6 +100,22 @@ def open_context(
     return Context(ws, recipe, distributed.init_from_env(resolve_device(recipe.apply.device)))
 
 
+def absolute_paths(ctx: Context, recipe: Recipe) -> Recipe:
+    """`recipe` with every data path resolved against `ctx`'s workspace, for a workspace of
+    its own elsewhere (bench --stream, bench --base-new); its inbox is that workspace's."""
+    import dataclasses
+
+    def fix(spec):
+        return None if spec is None else dataclasses.replace(spec, path=str(ctx.resolve(spec.path).resolve()))
+
+    guard = dataclasses.replace(recipe.guard, suites=[fix(s) for s in recipe.guard.suites])
+    model = recipe.model
+    if model.pretrained:
+        model = dataclasses.replace(model, pretrained=str(ctx.resolve(model.pretrained).resolve()))
+    return dataclasses.replace(recipe, guard=guard, shot_pool=fix(recipe.shot_pool), reference=fix(recipe.reference),
+                               model=model, inbox="inbox")
+
+
 def open_target_set(ctx: Context, path: Path, name: str = "") -> ImageSet:
     """A set labelled with the recipe's target classes (errors/, inbox/, shot pool)."""
     classes = ctx.recipe.classes or None

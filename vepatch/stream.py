@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .context import Context, open_guard_suite
+from .context import Context, absolute_paths, open_guard_suite
 from .cycle import holdout_set, run_cycle, states
 from .errors import NothingToDo, UsageError
 from .inbox import inbox_dir
@@ -159,20 +159,6 @@ def bench_stream(ctx: Context, stream: Path, methods: list[str], retains: list[s
             runs.append(summarize_stream(label, method, retain, rounds, time.perf_counter() - start))
             write_stream_bench(ctx, folder, runs)  # after every run: a long bench stopped midway keeps what it finished
     return folder, runs
-
-
-def absolute_paths(ctx: Context, recipe):
-    import dataclasses
-
-    def fix(spec):
-        return None if spec is None else dataclasses.replace(spec, path=str(ctx.resolve(spec.path).resolve()))
-
-    guard = dataclasses.replace(recipe.guard, suites=[fix(s) for s in recipe.guard.suites])
-    model = recipe.model
-    if model.pretrained:
-        model = dataclasses.replace(model, pretrained=str(ctx.resolve(model.pretrained).resolve()))
-    return dataclasses.replace(recipe, guard=guard, shot_pool=fix(recipe.shot_pool), reference=fix(recipe.reference),
-                               model=model, inbox="inbox")
 
 
 def summarize_stream(label: str, method: str, retain: str, rounds: list[StreamRound], seconds: float) -> StreamRun:
