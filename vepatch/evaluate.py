@@ -15,7 +15,7 @@ from .context import Context, set_and_templates
 from .data import ImageSet, TorchImages
 from .models import LoadedModel
 from .models.heads import text_head
-from .records import EvalReport
+from .records import EvalReport, RetrievalReport
 from .runtime.passes import Predictions, SuiteInputs
 
 
@@ -64,4 +64,33 @@ def evaluate_set(ctx: Context, data: Path, version: Optional[str] = None, templa
     result = report(predictions, image_set, name if ctx.workspace else ctx.recipe.model.ref)
     if ctx.workspace:
         ctx.workspace.log("eval", data=str(data), version=name, accuracy=result.accuracy, n=result.n)
+    return result
+
+
+def retrieval_set(ctx: Context, data: Path) -> Optional[ImageSet]:
+    """`data` opened as a retrieval set (a recipe suite of kind retrieval, or a folder of
+    images with same-named .txt captions); None when it is a labelled set."""
+    from .context import open_guard_suite
+    from .retrieval import is_caption_folder, open_caption_set
+
+    resolved = data.resolve()
+    for suite in ctx.recipe.guard.suites:
+        if suite.kind == "retrieval" and ctx.resolve(suite.path).resolve() == resolved:
+            return open_guard_suite(ctx, suite)
+    return open_caption_set(resolved, data.name) if is_caption_folder(resolved) else None
+
+
+def evaluate_retrieval(ctx: Context, images: ImageSet, version: Optional[str] = None,
+                       batch_size: Optional[int] = None) -> RetrievalReport:
+    """`vepatch eval` on a retrieval set: image->text and text->image Recall@1/5."""
+    from .retrieval import recalls
+
+    loaded, name = ctx.model(version)
+    progress.begin("eval", len(images))
+    rows = recalls(loaded, images, batch_size or ctx.recipe.batch_size, ctx.device)
+    result = RetrievalReport(images.name, name if ctx.workspace else ctx.recipe.model.ref, len(images),
+                             len(images.classnames), {k.removeprefix(images.name).strip(): v for k, v in rows.items()},
+                             list(images.skipped))
+    if ctx.workspace:
+        ctx.workspace.log("eval", data=images.root, version=name, recall=result.recall, n=result.images)
     return result

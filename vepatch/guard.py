@@ -23,6 +23,7 @@ from .models import LoadedModel
 from .models.heads import text_head
 from .models.towers import describe_tower
 from .recipe import GuardSpec
+from .retrieval import CAPTION_TEMPLATE, Row, query_sources, row_predictions, rows_for
 from .records import ClassOutcome, GuardReport, PatchManifest, StrengthResult, SuiteResult
 from .runtime import distributed
 from .runtime.passes import DEFAULT_BUDGET_BYTES, Budget, Predictions, SuiteInputs
@@ -37,6 +38,36 @@ class Suite:
     head: torch.Tensor
     max_drop_pp: float
     holdout: bool = False  # an earlier version's holdout: always judged (it was a fix when accepted)
+    row: Optional[Row] = None  # a retrieval suite's direction and K (head: its caption embeddings)
+    group: str = ""  # the retrieval suite whose images this row ranks ('' = the suite's own name)
+
+    @property
+    def source(self) -> str:
+        """The images this suite reads: rows of one retrieval suite share them (and one pass)."""
+        return self.group or self.name
+
+
+def images_per_pass(suites: list[Suite]) -> int:
+    """Images one pass over `suites` reads (a retrieval suite's rows read theirs once)."""
+    return sum(len(s.images) for s in {s.source: s for s in suites}.values())
+
+
+def evaluate_suites(suites: list[Suite], classify: Callable[[Suite], Predictions],
+                    embed: Callable[[Suite], torch.Tensor]) -> dict[str, Predictions]:
+    """Every suite's predictions under the model's current weights: `classify(s)` for a
+    classification suite; for a retrieval suite, one `embed(s)` of its images ranked by every row."""
+    out: dict[str, Predictions] = {}
+    for s in suites:
+        if s.name in out:
+            continue
+        if s.row is None:
+            out[s.name] = classify(s)
+            continue
+        features = embed(s)
+        labels = np.asarray(s.images.labels, dtype=np.int64)
+        for r in (r for r in suites if r.source == s.source):
+            out[r.name] = row_predictions(features, r.head, labels, r.row)
+    return out
 
 
 def mcnemar_p(before: np.ndarray, after: np.ndarray) -> float:
@@ -71,7 +102,7 @@ def at_chance(suite: Suite, baseline: Predictions, alpha: float = 0.05) -> bool:
     """A recipe guard suite the baseline does not read better than chance (one-sided binomial
     test against 1/classes at `alpha`) guards nothing: its changes are noise."""
     n, k = len(baseline.labels), max(1, len(suite.images.classnames))
-    if suite.role != "guard" or suite.holdout or n == 0:
+    if suite.role != "guard" or suite.holdout or suite.row is not None or n == 0:
         return False
     return binomtest(int(baseline.correct.sum()), n, 1.0 / k, alternative="greater").pvalue >= alpha
 
@@ -118,15 +149,16 @@ def keep_predictions(cache: PredictionCache, fingerprint: str, loaded: LoadedMod
     weights it judged have the version's `fingerprint`): the next night's guard, whose baseline
     it is, and the measurements between stream rounds find them made. The writer alone calls
     this (under torchrun the other ranks have returned), so no collective is involved."""
-    for s in suites:
+    for s in (s for s in suites if s.row is None):  # retrieval rows are recomputed: one cheap pass
         cache.put(key(fingerprint, loaded.preprocess, s.head, s.images, batch_size, device), preds[s.name])
 
 
 def predict_all(loaded: LoadedModel, suites: list[Suite], batch_size: int, device: str,
                 cache: PredictionCache | None = None) -> dict[str, Predictions]:
     """One plain pass per suite (nothing kept), or the cache's copy of it."""
-    return {s.name: cached(loaded, s, batch_size, device, cache, lambda s=s: predict(loaded, s.head, s.images, batch_size, device))
-            for s in suites}
+    return evaluate_suites(
+        suites, lambda s: cached(loaded, s, batch_size, device, cache, lambda: predict(loaded, s.head, s.images, batch_size, device)),
+        lambda s: SuiteInputs(s.images, loaded.preprocess, batch_size).embed(loaded.model, device))
 
 
 def cached(loaded: LoadedModel, suite: Suite, batch_size: int, device: str, cache: PredictionCache | None,
@@ -154,17 +186,20 @@ def search_strengths(
     candidates' predictions, the baseline's."""
     entry = describe_tower(baseline.model).entry_for(delta.params) if keep_bytes else ""
     budget = Budget(keep_bytes)
-    inputs = {s.name: SuiteInputs(s.images, baseline.preprocess, batch_size, entry, budget) for s in suites}
+    inputs = {s.source: SuiteInputs(s.images, baseline.preprocess, batch_size, entry, budget) for s in suites}
 
     def run(s: Suite) -> Predictions:
-        return inputs[s.name].predict(baseline.model, s.head, device)
+        return inputs[s.source].predict(baseline.model, s.head, device)
 
-    base = base_predictions or {s.name: cached(baseline, s, batch_size, device, cache, lambda s=s: run(s)) for s in suites}
+    def embed(s: Suite) -> torch.Tensor:
+        return inputs[s.source].embed(baseline.model, device)
+
+    base = base_predictions or evaluate_suites(suites, lambda s: cached(baseline, s, batch_size, device, cache, lambda: run(s)), embed)
     trials, preds = [], {}
     for strength in sorted(spec.strengths, reverse=True):
         originals = apply_delta(baseline.model, delta, strength)
         try:
-            preds[strength] = {s.name: run(s) for s in suites}
+            preds[strength] = evaluate_suites(suites, run, embed)
         finally:
             restore(baseline.model, originals)
         trials.append(judge(suites, base, preds[strength], spec, strength))
@@ -205,10 +240,15 @@ def evidence_of(ws, suites: list[Suite], before: dict[str, Predictions], after: 
                 strength: float) -> Evidence:
     """Every suite's images, labels and both models' predictions, as the verdict keeps them."""
     return Evidence(strength, [
-        SuiteEvidence(s.name, s.role, list(s.images.classnames), [ws.portable(x.source) for x in s.images.samples],
+        SuiteEvidence(s.name, s.role, list(s.images.classnames), [ws.portable(x) for x in sources_of(s)],
                       before[s.name].labels, before[s.name].preds, after[s.name].preds)
         for s in suites
     ])
+
+
+def sources_of(suite: Suite) -> list[str]:
+    """What each of a suite's predictions is about: its images, or a retrieval row's queries."""
+    return query_sources(suite.images, suite.row.direction) if suite.row else [x.source for x in suite.images.samples]
 
 
 def guard_suites(ctx: Context, loaded: LoadedModel, manifest: PatchManifest, baseline: str) -> tuple[list[Suite], list[str]]:
@@ -222,6 +262,11 @@ def guard_suites(ctx: Context, loaded: LoadedModel, manifest: PatchManifest, bas
             notes.append(f"{spec.label}: not there, skipped (optional)")
             continue
         images = open_guard_suite(ctx, spec)
+        if spec.kind == "retrieval":
+            captions = text_head(loaded, images.classnames, CAPTION_TEMPLATE)
+            suites += [Suite(row.name(images.name), "guard", images, captions, spec.max_drop_pp, row=row, group=images.name)
+                       for row in rows_for(images)]
+            continue
         suites.append(Suite(images.name, "guard", images, text_head(loaded, images.classnames, spec.templates), spec.max_drop_pp))
     for v in store.chain(ctx.workspace, baseline):
         ref = store.read_manifest(ctx.workspace, v).holdout
@@ -253,7 +298,7 @@ def _judge(ctx: Context, candidate_id: Optional[str], baseline: Optional[str], m
               if store.read_manifest(ws, v).shots_hash == manifest.shots_hash]
     spec, bs = ctx.recipe.guard, ctx.recipe.batch_size
     passes = 1 + len(spec.strengths) + (baseline != manifest.parent)
-    progress.begin("guard", passes * sum(len(s.images) for s in suites))
+    progress.begin("guard", passes * images_per_pass(suites))
     base_predictions, cache = None, ctx.prediction_cache()
     if baseline != manifest.parent:
         base_model, _ = ctx.model(baseline)

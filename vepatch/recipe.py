@@ -42,6 +42,10 @@ class GuardSuite(DataSpec):
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # '{}' or '{c}' stands for the class name
     max_drop_pp: float = ranged(1.0, lo=0)  # refuse if this suite's accuracy drops more than this (PAINT's bar), beyond noise
     optional: bool = False  # a missing folder is skipped with a note instead of an error
+    # 'classification': <class>/ folders, accuracy; 'retrieval': images with same-named .txt
+    # captions (or a saved dataset with an image and a text column), judged by image->text and
+    # text->image Recall@1/5, each against max_drop_pp (README "Retrieval guard suites")
+    kind: Literal["classification", "retrieval"] = "classification"
 
     @property
     def label(self) -> str:
@@ -176,6 +180,9 @@ def check_recipe(recipe: Recipe, where: str = "flags:") -> Recipe:
             raise UsageError(f"{where} guard suites {names[suite.label]} and {suite.path} are both named '{suite.label}'",
                              "give one of them its own `name:`")
         names[suite.label] = suite.path
+        if suite.kind == "retrieval" and (suite.classes or suite.folders or suite.max_per_class):
+            raise UsageError(f"{where} guard suite '{suite.label}' is a retrieval suite: its captions are its classes",
+                             "leave classes, folders and max_per_class out of it")
     return recipe
 
 

@@ -50,6 +50,19 @@ class EvalReport:
 
 
 @dataclass(frozen=True)
+class RetrievalReport:
+    """Recall@K of one model version on a retrieval set (images with captions), both directions."""
+
+    set_name: str
+    version: str
+    images: int
+    captions: int  # distinct captions: the image->text candidates and the text->image queries
+    recall: dict[str, float]  # 'i→t R@1', 'i→t R@5', 't→i R@1', 't→i R@5' -> 0..1
+    skipped: list[SkippedFile] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
 class Confusion:
     true: str
     predicted: str

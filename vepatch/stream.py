@@ -76,7 +76,7 @@ def measure_head(ctx: Context, name: str, status: str, cycle_id: str, cycles: di
     from .data import open_holdout
     from .evaluate import predict
     from .models.heads import text_head
-
+    from .retrieval import recalls as retrieval_recalls
     from .runtime.predcache import key
 
     ws = ctx.workspace
@@ -108,6 +108,9 @@ def measure_head(ctx: Context, name: str, status: str, cycle_id: str, cycles: di
         if not ctx.resolve(spec.path).is_dir():
             continue
         images = open_guard_suite(ctx, spec)
+        if spec.kind == "retrieval":  # one row per direction and K, as the guard judges them
+            guards.update(retrieval_recalls(loaded, images, bs, ctx.device))
+            continue
         guards[images.name] = accuracy(images, spec.templates)
     size = sum(store.read_manifest(ws, v).patch_bytes for v in chain)
     return StreamRound(name, status, version, cycle_id, rounds, targets, guards, size)

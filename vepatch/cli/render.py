@@ -7,7 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .._typed import to_plain
-from ..records import Diagnosis, EvalReport
+from ..records import Diagnosis, EvalReport, RetrievalReport
 
 
 def titled(title: str, **kwargs) -> Table:
@@ -32,6 +32,17 @@ def eval_table(report: EvalReport) -> Table:
         worst = max(others, default=None)
         confused = f"{report.classnames[worst[1]]} ({worst[0]})" if worst else "-"
         table.add_row(name, str(report.per_class_n[i]), pct(report.per_class_recall[i]), confused)
+    return table
+
+
+def retrieval_table(report: RetrievalReport) -> Table:
+    table = titled(f"{report.set_name} — {report.version}: retrieval over {report.images} images, "
+                   f"{report.captions} distinct captions")
+    for col in ("direction", "Recall@1", "Recall@5"):
+        table.add_column(col, justify="left" if col == "direction" else "right")
+    for direction, label in (("i→t", "image → text"), ("t→i", "text → image")):
+        cells = [report.recall.get(f"{direction} R@{k}") for k in (1, 5)]
+        table.add_row(label, *[pct(c) if c is not None else "—" for c in cells])
     return table
 
 

@@ -36,7 +36,8 @@ def init(
 
 @command(name="eval", sharded=True)
 def eval_(
-    data: Annotated[Path, typer.Argument(help="Labelled set: <class>/ image folders or a saved `datasets` folder.")],
+    data: Annotated[Path, typer.Argument(help="Labelled set: <class>/ image folders or a saved `datasets` folder; "
+                                              "or images with same-named .txt captions (retrieval).")],
     version: Annotated[Optional[str], typer.Option("--version", help="base, vN, or a candidate id (default: current).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Model reference outside a workspace (default: 'default').")] = None,
     template: Annotated[Optional[list[str]], typer.Option("--template", help="Prompt template ('{}' = class); repeatable.")] = None,
@@ -47,22 +48,30 @@ def eval_(
     online: OnlineOpt = False,
     as_json: JsonOpt = False,
 ):
-    """Accuracy, per-class recall and confusion matrix of a model version on a labelled set.
+    """Accuracy, per-class recall and confusion matrix of a model version on a labelled set;
+    on a retrieval set (images with same-named .txt captions), Recall@1/5 both ways.
 
     Example: vepatch eval ../shared/data/imagenette-guard --json
     """
     from .. import context
-    from ..evaluate import evaluate_set
-    from .render import confusion_table, eval_table
+    from ..evaluate import evaluate_retrieval, evaluate_set, retrieval_set
+    from .render import confusion_table, eval_table, retrieval_table
 
     ctx = context.open_context(workspace, model=model, device=device, online=online, required=False)
+    captioned = retrieval_set(ctx, data)
     with progress_bar():
-        result = evaluate_set(ctx, data, version=version, templates=template, batch_size=batch_size)
+        if captioned is not None:
+            result = evaluate_retrieval(ctx, captioned, version=version, batch_size=batch_size)
+        else:
+            result = evaluate_set(ctx, data, version=version, templates=template, batch_size=batch_size)
     if as_json:
         emit_json(result)
         return
-    out.print(eval_table(result))
-    if confusion:
+    if captioned is not None:
+        out.print(retrieval_table(result))
+    else:
+        out.print(eval_table(result))
+    if confusion and captioned is None:
         out.print(confusion_table(result, out.width))
     if result.skipped:
         err.print(f"skipped {len(result.skipped)} unreadable file(s): " + "; ".join(

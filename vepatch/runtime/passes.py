@@ -112,28 +112,38 @@ class SuiteInputs:
             return run_from(model, self.entry, x, self.stand_in.to(device))
 
     def predict(self, model, head: torch.Tensor, device: str) -> Predictions:
-        """Predicted class per example (argmax of normalized features @ head.T); on CUDA out
-        of memory, the batches are halved and the pass starts again."""
+        """Predicted class per example (argmax of normalized features @ head.T)."""
+        head = head.to(device)
+        parts = self._per_batch(model, device, lambda f: (f @ head.T).argmax(1).cpu().numpy())
+        preds = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return Predictions(self.labels, preds.astype(np.int64))
+
+    def embed(self, model, device: str) -> torch.Tensor:
+        """(n, dim) normalized image features, float32 on the CPU (what retrieval ranks)."""
+        parts = self._per_batch(model, device, lambda f: f.cpu())
+        return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+    def _per_batch(self, model, device: str, keep) -> list:
+        """`keep(features)` of every batch in order, gathered from every rank; on CUDA out of
+        memory, the batches are halved and the pass starts again."""
         from .oom import retry_on_oom
 
-        def attempt(batch_size: int) -> Predictions:
+        def attempt(batch_size: int) -> list:
             if batch_size != self.batch_size:
                 self._batch(batch_size)
-            return self._predict(model, head, device)
+            return self._run(model, device, keep)
 
         return retry_on_oom(attempt, self.batch_size, f"evaluating {self.images.name}")
 
     @torch.inference_mode()
-    def _predict(self, model, head: torch.Tensor, device: str) -> Predictions:
+    def _run(self, model, device: str, keep) -> list:
         model = model.to(device).eval()
-        head = head.to(device)
         local = {}
         for b in distributed.my_share(len(self.bounds)):
-            local[b] = (self.features(model, b, device).float() @ head.T).argmax(1).cpu().numpy()
-            progress.advance(len(local[b]) * distributed.world_size())  # every rank does the same share
+            local[b] = keep(self.features(model, b, device).float())
+            progress.advance((self.bounds[b][1] - self.bounds[b][0]) * distributed.world_size())  # every rank does the same share
         gathered = distributed.gather_dict(local)
-        preds = np.concatenate([gathered[b] for b in range(len(self.bounds))]) if self.bounds else np.zeros(0, np.int64)
-        return Predictions(self.labels, preds.astype(np.int64))
+        return [gathered[b] for b in range(len(self.bounds))]
 
 
 def autocast(device: str):
