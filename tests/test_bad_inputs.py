@@ -144,11 +144,11 @@ def test_cuda_out_of_memory_is_retried_then_one_clear_error(ws, tmp_path, monkey
 
     sizes = []
 
-    def oom(self, model, head, device):
+    def oom(self, model, device, keep):
         sizes.append(self.batch_size)
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(SuiteInputs, "_predict", oom)
+    monkeypatch.setattr(SuiteInputs, "_run", oom)
     result = runner.invoke(app, ["eval", str(tmp_path / "pool"), "-C", str(ws), "--batch-size", "8"])
     assert result.exit_code == 1 and "out of memory even at batch size 1" in result.output
     assert sizes == [8, 4, 2, 1]

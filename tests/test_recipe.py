@@ -88,7 +88,7 @@ def test_every_registered_method_is_offered_by_the_cli_and_has_its_own_file():
     import vepatch.methods as methods
     from vepatch.cli import app
 
-    files = {p.stem for p in Path(methods.__file__).parent.glob("*.py")} - {"__init__", "method", "trainable", "train"}
+    files = {p.stem for p in Path(methods.__file__).parent.glob("*.py")} - {"__init__", "method", "trainable", "train", "prompting"}
     assert {m.replace("-", "_").replace("+", "_") for m in methods.names()} == files
     help_text = " ".join(CliRunner().invoke(app, ["apply", "--help"], env={"COLUMNS": "400"}).output.split())
     for name in methods.names():

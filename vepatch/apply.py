@@ -137,6 +137,13 @@ def _apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan], diagnosis: st
     tower = describe_tower(loaded.model)
     head = text_head(loaded, recipe.classes, recipe.templates)
 
+    if method.side == "text":
+        from .methods.prompting import train_prompts
+
+        delta, allowed, stats = train_prompts(method, loaded, train_preprocess(loaded, spec.augment_scale), shots,
+                                              recipe.classes, recipe.templates, spec, recipe.seed, ctx.device, progress)
+        return _write(ctx, recipe, plan, loaded, version, delta, dict(sorted(allowed.items())), stats, "", origin)
+
     masks, diagnosis_file = None, ""
     if method.masks == "diagnosis":
         masks, diagnosis_file = diagnosis_masks(ctx, loaded.fingerprint, diagnosis, recipe.diagnose)
@@ -164,7 +171,13 @@ def _apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan], diagnosis: st
     delta = trainable.delta()
     allowed = dict(sorted(trainable.summary.items()))
     del visual, trainable
+    return _write(ctx, recipe, plan, loaded, version, delta, allowed, stats, diagnosis_file, origin)
 
+
+def _write(ctx: Context, recipe: Recipe, plan: ShotPlan, loaded: LoadedModel, version: str, delta, allowed: dict[str, int],
+           stats, diagnosis_file: str, origin: str) -> PatchManifest:
+    """The candidate's manifest and patch, written to the store."""
+    spec, shots = recipe.apply, plan.shots
     data = delta.to_bytes()
     from .delta import sha256_bytes
 

@@ -52,12 +52,12 @@ class Context:
             loaded = store.apply_version(self.workspace, fresh, name)
         else:
             from .delta import apply_delta
-            from .models import fingerprint
+            from .models.load import model_fingerprint
 
             manifest, delta = store.read_candidate(self.workspace, name)
             loaded = store.apply_version(self.workspace, fresh, manifest.parent)
             apply_delta(loaded.model, delta)
-            loaded.fingerprint = fingerprint(loaded.model.visual)
+            loaded.fingerprint = model_fingerprint(loaded.model)
         self._models[name] = self._on_device(loaded)
         return loaded, name
 

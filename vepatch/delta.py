@@ -5,6 +5,8 @@ sparsity and rank for any strength lambda:
   sparse   '<param>#sparse.index' (flat indices, the narrowest integer type that holds them) + '<param>#sparse.value'
   lowrank  '<param>#lowrank.up' (rows x r) @ '<param>#lowrank.down' (r x cols), reshaped to the param
   dense    '<param>#dense' (same shape as the param)
+  prompt   '<slot>#dense' + '<slot>#prompt.ids' + '<slot>#prompt.text': a prompt patch's change
+           to the learned vectors of one prefix, with the prefix's token ids and text (prompts.py)
 Stored as safetensors only; never pickle.
 """
 
@@ -19,7 +21,8 @@ from torch import nn
 
 from .errors import StoreError
 
-KINDS = ("sparse.index", "sparse.value", "lowrank.up", "lowrank.down", "dense")
+KINDS = ("sparse.index", "sparse.value", "lowrank.up", "lowrank.down", "dense", "prompt.ids", "prompt.text")
+INDEX_KINDS = ("sparse.index", "prompt.ids", "prompt.text")  # integers: never scaled, not counted as trained numbers
 
 
 @dataclass
@@ -44,6 +47,18 @@ class Delta:
     def add_dense(self, name: str, change: torch.Tensor) -> None:
         self.tensors[f"{name}#dense"] = change.contiguous()
 
+    def add_prompt(self, name: str, change: torch.Tensor, ids: torch.Tensor, text: str) -> None:
+        from .prompts import text_bytes
+
+        self.add_dense(name, change)
+        self.tensors[f"{name}#prompt.ids"] = ids.to(torch.int64).contiguous()
+        self.tensors[f"{name}#prompt.text"] = text_bytes(text)
+
+    @property
+    def touches_text(self) -> bool:
+        """A prompt patch (or a chain step holding one): the text heads change with it."""
+        return any(k.endswith("#prompt.ids") for k in self.tensors)
+
     def change_for(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The dense change this delta makes to parameter `name` (shape and dtype of `like`)."""
         out = torch.zeros(like.numel(), dtype=torch.float32)
@@ -67,7 +82,7 @@ class Delta:
 
     def trainable_count(self) -> int:
         """Numbers the patch holds (indices not counted)."""
-        return int(sum(v.numel() for k, v in self.tensors.items() if not k.endswith("sparse.index")))
+        return int(sum(v.numel() for k, v in self.tensors.items() if not k.endswith(INDEX_KINDS)))
 
     def to_bytes(self) -> bytes:
         from safetensors.torch import save
@@ -92,7 +107,7 @@ class Delta:
         bad = [k for k in tensors if "#" not in k or k.split("#", 1)[1] not in KINDS]
         if bad:
             raise StoreError(f"{path}: unexpected entry '{bad[0]}'", "it is refused; this is not a vepatch delta")
-        floating = [k for k, v in tensors.items() if k.endswith("sparse.index") and v.is_floating_point()]
+        floating = [k for k, v in tensors.items() if k.endswith(INDEX_KINDS) and v.is_floating_point()]
         if floating:
             raise StoreError(f"{path}: '{floating[0]}' holds no integer indices", "it is refused; this is not a vepatch delta")
         return cls(tensors)
@@ -101,7 +116,11 @@ class Delta:
 @torch.no_grad()
 def apply_delta(model: nn.Module, delta: Delta, strength: float = 1.0) -> dict[str, torch.Tensor]:
     """theta += strength * delta, in place, in float32 on the CPU copy of each change (so the
-    result is bit-for-bit the same wherever it is loaded). Returns the originals, for `restore`."""
+    result is bit-for-bit the same wherever it is loaded). Returns the originals, for `restore`.
+    A prompt patch's slots are made first (at their start: nothing changes until the delta is added)."""
+    from .prompts import attach
+
+    attach(model, delta.tensors)
     params = dict(model.named_parameters())
     originals = {}
     for name in delta.params:
@@ -134,11 +153,11 @@ def sha256_file(path: Path) -> str:
 
 
 def patched_fingerprint(model: nn.Module, delta: Delta, strength: float = 1.0) -> str:
-    """The vision tower's fingerprint with `delta` applied at `strength`; `model` is left as it was."""
-    from .models import fingerprint
+    """The model's fingerprint with `delta` applied at `strength`; `model` is left as it was."""
+    from .models.load import model_fingerprint
 
     originals = apply_delta(model, delta, strength)
     try:
-        return fingerprint(model.visual)
+        return model_fingerprint(model)
     finally:
         restore(model, originals)

@@ -57,9 +57,17 @@ def export_bundle(loaded: LoadedModel, ref: str, out: Path, version: str, force:
         if Path(text_cfg["hf_model_name"]).resolve() == folder.resolve():
             text_cfg["hf_model_name"] = str(out)
             text_cfg["hf_tokenizer_name"] = str(out)
-    state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
+    from .prompts import BANK, EXPORT_FILE, export_bytes
+
+    # learned prompt vectors are not open_clip weights: they go beside them (prompts.install reads them)
+    state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items() if not k.startswith(BANK + ".")}
     write_bytes_atomic(out / "open_clip_model.safetensors",
                        save(state, metadata={"vepatch_version": version, "fingerprint": loaded.fingerprint}))
+    learned = export_bytes(loaded.model)
+    if learned is not None:
+        write_bytes_atomic(out / EXPORT_FILE, learned)
+    else:
+        (out / EXPORT_FILE).unlink(missing_ok=True)  # an earlier export's, not this version's
     write_text_atomic(out / "open_clip_config.json", json.dumps(config, indent=2))
     return out
 

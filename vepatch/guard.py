@@ -40,11 +40,18 @@ class Suite:
     holdout: bool = False  # an earlier version's holdout: always judged (it was a fix when accepted)
     row: Optional[Row] = None  # a retrieval suite's direction and K (head: its caption embeddings)
     group: str = ""  # the retrieval suite whose images this row ranks ('' = the suite's own name)
+    templates: tuple[str, ...] = ()  # what `head` was made from (with the class names): a prompt patch remakes it
 
     @property
     def source(self) -> str:
         """The images this suite reads: rows of one retrieval suite share them (and one pass)."""
         return self.group or self.name
+
+
+def with_heads(loaded: LoadedModel, suites: list[Suite]) -> list[Suite]:
+    """The suites with their heads made again by `loaded`'s text side (a prompt patch changes
+    them; the text heads' cache makes an unchanged one free)."""
+    return [dataclasses.replace(s, head=text_head(loaded, s.images.classnames, list(s.templates))) for s in suites]
 
 
 def images_per_pass(suites: list[Suite]) -> int:
@@ -198,8 +205,8 @@ def search_strengths(
     trials, preds = [], {}
     for strength in sorted(spec.strengths, reverse=True):
         originals = apply_delta(baseline.model, delta, strength)
-        try:
-            preds[strength] = evaluate_suites(suites, run, embed)
+        try:  # a prompt patch changes what the text side makes of every suite's classes
+            preds[strength] = evaluate_suites(with_heads(baseline, suites) if delta.touches_text else suites, run, embed)
         finally:
             restore(baseline.model, originals)
         trials.append(judge(suites, base, preds[strength], spec, strength))
@@ -256,7 +263,8 @@ def guard_suites(ctx: Context, loaded: LoadedModel, manifest: PatchManifest, bas
     fix, every earlier version's holdout (a later patch may not undo an earlier fix)."""
     recipe, notes = ctx.recipe, []
     target = open_holdout(manifest.holdout, ctx.workspace.root)
-    suites = [Suite("target-holdout", "target", target, text_head(loaded, target.classnames, manifest.holdout.templates), 0.0)]
+    suites = [Suite("target-holdout", "target", target, text_head(loaded, target.classnames, manifest.holdout.templates), 0.0,
+                    templates=tuple(manifest.holdout.templates))]
     for spec in recipe.guard.suites:
         if spec.optional and not ctx.resolve(spec.path).is_dir():
             notes.append(f"{spec.label}: not there, skipped (optional)")
@@ -264,15 +272,16 @@ def guard_suites(ctx: Context, loaded: LoadedModel, manifest: PatchManifest, bas
         images = open_guard_suite(ctx, spec)
         if spec.kind == "retrieval":
             captions = text_head(loaded, images.classnames, CAPTION_TEMPLATE)
-            suites += [Suite(row.name(images.name), "guard", images, captions, spec.max_drop_pp, row=row, group=images.name)
-                       for row in rows_for(images)]
+            suites += [Suite(row.name(images.name), "guard", images, captions, spec.max_drop_pp, row=row, group=images.name,
+                             templates=tuple(CAPTION_TEMPLATE)) for row in rows_for(images)]
             continue
-        suites.append(Suite(images.name, "guard", images, text_head(loaded, images.classnames, spec.templates), spec.max_drop_pp))
+        suites.append(Suite(images.name, "guard", images, text_head(loaded, images.classnames, spec.templates), spec.max_drop_pp,
+                            templates=tuple(spec.templates)))
     for v in store.chain(ctx.workspace, baseline):
         ref = store.read_manifest(ctx.workspace, v).holdout
         images = open_holdout(dataclasses.replace(ref, name=f"{v}-holdout"), ctx.workspace.root)
         suites.append(Suite(images.name, "guard", images, text_head(loaded, images.classnames, ref.templates),
-                            recipe.guard.holdout_max_drop_pp, holdout=True))
+                            recipe.guard.holdout_max_drop_pp, holdout=True, templates=tuple(ref.templates)))
     return suites, notes
 
 
@@ -302,7 +311,7 @@ def _judge(ctx: Context, candidate_id: Optional[str], baseline: Optional[str], m
     base_predictions, cache = None, ctx.prediction_cache()
     if baseline != manifest.parent:
         base_model, _ = ctx.model(baseline)
-        base_predictions = predict_all(base_model, suites, bs, ctx.device, cache)
+        base_predictions = predict_all(base_model, with_heads(base_model, suites), bs, ctx.device, cache)
     trials, preds, base = search_strengths(parent, delta, suites, spec, bs, ctx.device, base_predictions, cache)
     notes += [f"{s.name}: the baseline is at chance there ({100 * base[s.name].accuracy:.1f}%, "
               f"{len(s.images.classnames)} classes), so it guards nothing and is not judged" for s in suites
@@ -329,7 +338,7 @@ def _judge(ctx: Context, candidate_id: Optional[str], baseline: Optional[str], m
         version = store.write_version(ws, dataclasses.replace(manifest, strength=best.strength, fingerprint=fp),
                                       scaled, report, proof, make_current=make_current)
         report = dataclasses.replace(report, version=version)
-        if cache is not None and patched_fingerprint(parent.model, delta, best.strength) == fp:
+        if cache is not None and not delta.touches_text and patched_fingerprint(parent.model, delta, best.strength) == fp:
             keep_predictions(cache, fp, parent, suites, preds[best.strength], bs, ctx.device)
     store.write_verdict(ws, manifest.candidate_id, report, proof)
     ws.log("guard", candidate=manifest.candidate_id, baseline=baseline, accepted=report.accepted,

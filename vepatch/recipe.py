@@ -89,6 +89,7 @@ class ApplySpec:
     # 1000 class names (open_clip ships them; ZSCL's idea: a wide vocabulary keeps what the base knew)
     distill_vocabulary: Literal["reference", "imagenet"] = "reference"
     wise_alpha: float = ranged(0.5, lo=0, hi=1)  # full+wise: weight of the fine-tuned model in the average (WiSE-FT's default)
+    codebook: int = ranged(64, lo=2)  # ck-coop: K-means centres of the token-embedding table each learned token mixes
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @property

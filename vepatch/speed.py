@@ -162,6 +162,11 @@ def measure(loaded: LoadedModel, model_name: str, method: str, batch_size: int, 
 
     masks = None
     chosen = get_method(method)
+    if chosen.side != "vision":
+        from .errors import UsageError
+
+        raise UsageError(f"--method {method} learns prompts, not the vision tower's step this tool times",
+                         "time a vision method (lorsu, lora, ...); a prompt patch's cost is `vepatch apply`'s seconds")
     if chosen.needs_masks:  # LoRSU's budget at random places: the same shapes and cost
         targets = tower.fc1 + (tower.qkv if chosen.masks != "logit-norm" else [])
         params = dict(model.named_parameters())

@@ -19,7 +19,9 @@ from pathlib import Path
 from .delta import Delta, apply_delta, sha256_bytes, sha256_file
 from .errors import NothingToDo, StoreError, UsageError
 from .fsio import fsync_dir, write_bytes_atomic, write_text_atomic
-from .models import LoadedModel, fingerprint
+from .models import LoadedModel
+from .models.load import model_fingerprint
+from .prompts import detach as detach_prompts
 from .records import GuardReport, PatchManifest, VersionSummary, read_record, to_json
 from .workspace import CANDIDATE_FILE, DELTA_FILE, EVIDENCE_FILE, GUARD_FILE, MANIFEST_FILE, PATCH_FILE, Workspace
 
@@ -125,7 +127,7 @@ def apply_version(ws: Workspace, loaded: LoadedModel, version: str) -> LoadedMod
                 "this patch belongs to another base model or chain; it is refused",
             )
         apply_delta(loaded.model, load_delta(folder / PATCH_FILE, manifest.patch_sha256))
-        loaded.fingerprint = fingerprint(loaded.model.visual)
+        loaded.fingerprint = model_fingerprint(loaded.model)
         if loaded.fingerprint != manifest.fingerprint:
             raise StoreError(f"{folder}: the patched tower does not match its recorded fingerprint", "roll back to a version that verifies")
     return loaded
@@ -257,7 +259,8 @@ def bad_versions(ws: Workspace, base: LoadedModel) -> dict[str, str]:
         folder = version_dir(ws, v)
         try:
             base.model.visual.load_state_dict(pristine)
-            base.fingerprint = fingerprint(base.model.visual)
+            detach_prompts(base.model)
+            base.fingerprint = model_fingerprint(base.model)
             manifest = read_manifest(ws, v)
             if manifest.base_fingerprint != base.fingerprint:
                 bad[v] = f"{folder}: made for another base model (fingerprint {manifest.base_fingerprint[:12]})"
@@ -267,7 +270,8 @@ def bad_versions(ws: Workspace, base: LoadedModel) -> dict[str, str]:
         except Exception as exc:
             bad[v] = str(exc)
     base.model.visual.load_state_dict(pristine)
-    base.fingerprint = fingerprint(base.model.visual)
+    detach_prompts(base.model)
+    base.fingerprint = model_fingerprint(base.model)
     return bad
 
 

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..masks import Masks
+    from ..models import LoadedModel
     from ..models.towers import Tower
     from ..recipe import ApplySpec
     from .trainable import Trainable
@@ -24,13 +25,22 @@ MaskSource = Literal["none", "diagnosis", "random", "logit-norm"]
 class Method:
     name: str
     summary: str  # one line: what it trains
-    build: Callable[["nn.Module", "Tower", Optional["Masks"], "ApplySpec"], "Trainable"]
+    # a vision method: build(tower copy, tower map, masks, spec) -> what it trains on the tower
+    build: Optional[Callable[["nn.Module", "Tower", Optional["Masks"], "ApplySpec"], "Trainable"]] = None
     # where its masks come from: 'diagnosis' = LoRSU's gradient scores (a matching diagnosis of
     # the current version is reused, else they are scored on the shots); 'random' = LoRSU's
     # budget at random places; 'logit-norm' = SPU's label-free fc1 score; 'none' = no masks
     masks: MaskSource = "none"
     lr: float = 1e-3  # default Adam learning rate (apply.lr = 0 picks it); README "Defaults"
+    # a prompt method (both towers frozen): prompt(tokens, width, spec, loaded) -> the module
+    # whose output is the change to one prefix's learned vectors (prompting.py trains it)
+    prompt: Optional[Callable[[int, int, "ApplySpec", "LoadedModel"], "nn.Module"]] = None
 
     @property
     def needs_masks(self) -> bool:
         return self.masks != "none"
+
+    @property
+    def side(self) -> str:
+        """'vision': it changes the vision tower; 'text': it learns prompt vectors (prompts.py)."""
+        return "text" if self.prompt is not None else "vision"

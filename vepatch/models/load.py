@@ -66,7 +66,7 @@ def load_model(ref: str = DEFAULT_REF, pretrained: str = "", online: bool = Fals
             ) from exc
         raise ModelError(f"{ref}: cannot load model ({_first_line(exc)})", "check the model reference") from exc
     model.eval()
-    return LoadedModel(model, preprocess, tokenizer, ref, fingerprint(model.visual))
+    return LoadedModel(model, preprocess, tokenizer, ref, model_fingerprint(model))
 
 
 def embedded_bundle(ref: str) -> Optional[Path]:
@@ -100,9 +100,24 @@ def fingerprint(visual: nn.Module) -> str:
     return _hash_tensors(visual.state_dict())
 
 
+def model_fingerprint(model: nn.Module) -> str:
+    """What a version is: the vision tower's fingerprint, and, once a prompt patch changed
+    them, the learned prompt vectors too (a vision-only model keeps its tower's fingerprint)."""
+    from ..prompts import changed_state
+
+    tower, learned = fingerprint(model.visual), changed_state(model)
+    if not learned:
+        return tower
+    return hashlib.sha256((tower + _hash_tensors(learned)).encode()).hexdigest()
+
+
 def text_fingerprint(model: nn.Module) -> str:
-    """sha256 over everything but the vision tower: what a zero-shot head depends on."""
-    return _hash_tensors({k: v for k, v in model.state_dict().items() if not k.startswith("visual.")})
+    """sha256 over everything but the vision tower (the learned prompt vectors as they now
+    read, not their slots): what a zero-shot head depends on."""
+    from ..prompts import BANK, changed_state
+
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(("visual.", BANK + "."))}
+    return _hash_tensors({**own, **changed_state(model)})
 
 
 def _hash_tensors(tensors: dict[str, torch.Tensor]) -> str:

@@ -1,0 +1,146 @@
+"""Training a prompt patch (coop, ck-coop): both towers frozen, only the change to each recipe
+template's prefix vectors learns (prompts.py says how the model reads them).
+
+The loop is the vision methods' loop with the other tower moving: per batch, image features
+from the frozen vision tower, the class head from the text tower reading the learned vectors
+(with gradients), cross-entropy over the recipe's classes (or over the classes in the batch,
+`apply.retain: batch-classes`), plus `apply.l2` on the change. Distillation is a vision-side
+regularizer and is not used here."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..data import ImageSet
+from ..delta import Delta
+from ..evaluate import loader
+from ..losses import batch_classes_ce_loss, ce_loss
+from ..models import LoadedModel
+from ..models.heads import normalize_templates
+from ..prompts import ensure_slot, prefix_ids
+from ..records import ApplyStats
+from ..recipe import ApplySpec
+from .method import Method
+from .train import lr_at, peak_memory_mb
+
+
+class FreeChange(nn.Module):
+    """CoOp: every number of the prefix's vectors learns (from the prefix's own words)."""
+
+    def __init__(self, tokens: int, width: int):
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(tokens, width))
+
+    def forward(self) -> torch.Tensor:
+        return self.delta
+
+
+class CodebookChange(nn.Module):
+    """CK-CoOp (arXiv 2403.11631): each token's change is a learned mix of K fixed centres of
+    the token-embedding table (K-means) plus a Kronecker-product term a (x) b, so a prefix of n
+    tokens learns n*K + n*p + w/p numbers instead of n*w (p: a divisor of the width w near its root)."""
+
+    def __init__(self, tokens: int, width: int, centres: torch.Tensor):
+        super().__init__()
+        self.register_buffer("centres", centres.float())
+        self.mix = nn.Parameter(torch.zeros(tokens, len(centres)))
+        p = max(d for d in range(1, int(math.isqrt(width)) + 1) if width % d == 0)
+        self.a = nn.Parameter(torch.randn(tokens, p) * 0.02)
+        self.b = nn.Parameter(torch.zeros(1, width // p))
+
+    def forward(self) -> torch.Tensor:
+        return self.mix @ self.centres + torch.kron(self.a, self.b)
+
+
+def class_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """(classes, dim) normalized class embeddings from (templates, classes, length) token ids,
+    averaged over templates as the zero-shot head is (open_clip's build_zero_shot_classifier)."""
+    per_template = torch.stack([model.encode_text(t, normalize=True) for t in tokens])
+    return nn.functional.normalize(per_template.float().mean(0), dim=-1)
+
+
+def train_prompts(method: Method, loaded: LoadedModel, preprocess, shots: ImageSet, classes: Sequence[str],
+                  templates: Sequence[str], spec: ApplySpec, seed: int, device: str,
+                  progress: Optional[Callable[[int, int], None]] = None) -> tuple[Delta, dict[str, int], ApplyStats]:
+    """Learn the change to every template's prefix on `shots`; returns the delta, the numbers
+    each slot learns, and the run's stats."""
+    torch.manual_seed(seed)
+    model = copy.deepcopy(loaded.model).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    templates = normalize_templates(templates)
+    slots = {}
+    for template in templates:
+        ids, text = prefix_ids(loaded.tokenizer, template)
+        name, slot = ensure_slot(model, ids.to(device), text)
+        if name not in slots:
+            slot.change = method.prompt(len(ids), slot.context.shape[1], spec, loaded).to(device)
+            slots[name] = slot
+    params = [p for s in slots.values() for p in s.change.parameters()]
+    tokens = torch.stack([loaded.tokenizer([t.format(c) for c in classes]) for t in templates]).to(device)
+    scale = model.logit_scale.exp().detach()
+    optimizer = torch.optim.Adam(params, lr=spec.learning_rate)
+    total = spec.epochs * math.ceil(len(shots) / spec.batch_size)
+    start, step, loss = time.perf_counter(), 0, torch.zeros(())
+    for epoch in range(spec.epochs):
+        for images, labels in loader(shots, preprocess, spec.batch_size, shuffle=True, seed=seed * 1000 + epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, spec.learning_rate)
+            labels = labels.to(device)
+            with torch.no_grad():
+                features = model.encode_image(images.to(device), normalize=True)
+            head = class_head(model, tokens)
+            if spec.retain == "batch-classes":
+                loss = batch_classes_ce_loss(features, head, scale, labels)
+            else:
+                loss = ce_loss(features, head, scale, labels)
+            if spec.l2:
+                loss = loss + spec.l2 * sum(s.change().pow(2).sum() for s in slots.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss = loss.detach()
+            step += 1
+            if progress:
+                progress(step, total)
+    delta, learned = Delta(), {}
+    with torch.no_grad():
+        for name, slot in slots.items():
+            delta.add_prompt(name, slot.change().float().cpu(), slot.ids.cpu(), slot.text)
+            learned[name] = sum(p.numel() for p in slot.change.parameters())
+    stats = ApplyStats(step, float(loss), time.perf_counter() - start, peak_memory_mb(device), len(shots))
+    return delta.scaled(1.0), learned, stats
+
+
+# --- ck-coop's codebook -------------------------------------------------------------------
+
+
+def codebook(loaded: LoadedModel, k: int) -> torch.Tensor:
+    """K-means centres (k x width) of the text tower's token-embedding table, computed once per
+    table and kept in the user cache (scikit-learn's KMeans, seeded)."""
+    from safetensors.torch import load_file, save
+
+    from ..fsio import write_bytes_atomic
+    from ..models.load import _hash_tensors
+    from ..paths import user_cache_dir
+    from ..prompts import token_embedding
+
+    table = token_embedding(loaded.model).weight.detach().float().cpu()
+    path = user_cache_dir() / "codebooks" / f"{_hash_tensors({'table': table})[:32]}-k{k}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(str(path))["centres"]
+        except Exception:  # a damaged cache entry is rebuilt, never trusted
+            pass
+    from sklearn.cluster import KMeans
+
+    fitted = KMeans(n_clusters=min(k, len(table)), n_init=1, max_iter=100, random_state=0).fit(table.numpy())
+    centres = torch.from_numpy(fitted.cluster_centers_).float().contiguous()
+    write_bytes_atomic(path, save({"centres": centres}))
+    return centres
