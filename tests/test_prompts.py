@@ -67,6 +67,8 @@ def test_a_prompt_patch_chained_after_a_vision_patch_leaves_the_tower_bit_identi
     report = _run("guard", "-C", str(root), "--json")
     assert report["version"] == "v2"
     assert _run("verify", "-C", str(root), "--json")["problems"] == []
+    shown = runner.invoke(app, ["show", "v2", "-C", str(root)], env={"COLUMNS": "100"})
+    assert 'prompt "a photo of a" (learned vectors)' in shown.output and "128" in shown.output
 
     v1, head1 = _head(root, "v1")
     v2, head2 = _head(root, "v2")

@@ -154,12 +154,14 @@ def log_table(rows, head: str) -> Table:
     return t
 
 
-def show_tables(manifest, report) -> list[Table]:
+def show_tables(manifest, report, prompts: dict[str, str] | None = None) -> list[Table]:
+    """`prompts`: a prompt patch's slot parameters -> the prefix each learns (prompts.describe)."""
     t = titled(f"{manifest.version or manifest.candidate_id}: {manifest.method} on {manifest.parent}")
     t.add_column("parameter")
     t.add_column("trainable", justify="right")
     for name, count in manifest.masks.items():
-        t.add_row(name.removeprefix("visual."), f"{count:,}")
+        label = f'prompt "{prompts[name]}" (learned vectors)' if prompts and name in prompts else name.removeprefix("visual.")
+        t.add_row(escape(label), f"{count:,}")
     info = titled("facts")
     info.add_column("what")
     info.add_column("value")

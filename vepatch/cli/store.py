@@ -52,21 +52,24 @@ def show(
     if version == "base":
         raise UsageError("'base' is the model itself, not a patch: it changed nothing",
                          "`vepatch log` lists the versions; `vepatch eval DATA --version base` measures the base")
+    delta = None
     if store.VERSION_RE.match(version):
         folder = store.version_dir(ws, version)
         manifest = store.read_manifest(ws, version)
         try:  # its own bytes; `vepatch verify` checks whole chains
-            store.load_delta(folder / store.PATCH_FILE, manifest.patch_sha256)
+            delta = store.load_delta(folder / store.PATCH_FILE, manifest.patch_sha256)
         except store.StoreError as exc:
             err.print(f"warning: {version} does not verify: {exc}", markup=False, highlight=False)
     else:
         folder = ws.candidate_dir(version)
-        manifest, _ = store.read_candidate(ws, version)
+        manifest, delta = store.read_candidate(ws, version)
     report = read_record(GuardReport, folder / store.GUARD_FILE) if (folder / store.GUARD_FILE).is_file() else None
     if as_json:
         emit_json({"manifest": manifest, "guard": report})
         return
-    for table in show_tables(manifest, report):
+    from ..prompts import describe
+
+    for table in show_tables(manifest, report, describe(delta.tensors) if delta is not None else None):
         out.print(table)
 
 
