@@ -173,19 +173,26 @@ def _open_folder(root: Path, classnames, folders: dict[str, str], name: str) -> 
         for f in sorted(d.rglob("*")):
             if f.is_dir() or f.name.startswith("."):
                 continue
-            if not f.resolve().is_relative_to(root_real):
-                skipped.append(SkippedFile(str(f), "symlink leading outside the set's folder"))
-                continue
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                skipped.append(SkippedFile(str(f), f"not an image file ('{f.suffix or f.name}')"))
-                continue
-            try:
-                read_image(f)
-            except BadImage as exc:
-                skipped.append(SkippedFile(str(f), str(exc)))
+            why = unusable(f, root_real)
+            if why:
+                skipped.append(SkippedFile(str(f), why))
                 continue
             samples.append(Sample(str(f), label))
     return ImageSet(name, str(root), classnames, samples, skipped)
+
+
+def unusable(f: Path, root_real: Path) -> str:
+    """Why file `f` of a set rooted at `root_real` cannot be one of its images ('' if it can):
+    a link leading outside, not an image suffix, or not readable as an image."""
+    if not f.resolve().is_relative_to(root_real):
+        return "symlink leading outside the set's folder"
+    if f.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"not an image file ('{f.suffix or f.name}')"
+    try:
+        read_image(f)
+    except BadImage as exc:
+        return str(exc)
+    return ""
 
 
 def _open_saved_dataset(root: Path, classnames, name: str) -> ImageSet:

@@ -25,9 +25,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .data import DATASET_MARKERS, ImageSet, Sample
+from .data import DATASET_MARKERS, ImageSet, Sample, unusable
 from .errors import DataError
-from .images import IMAGE_SUFFIXES, BadImage, read_image
+from .images import IMAGE_SUFFIXES
 from .records import SkippedFile
 from .runtime.passes import Predictions
 
@@ -74,20 +74,10 @@ def open_caption_set(root: Path, name: str = "") -> ImageSet:
     for f in sorted(root.rglob("*")):
         if f.is_dir() or f.name.startswith(".") or f.suffix.lower() == ".txt":
             continue
-        if not f.resolve().is_relative_to(root_real):
-            skipped.append(SkippedFile(str(f), "symlink leading outside the set's folder"))
-            continue
-        if f.suffix.lower() not in IMAGE_SUFFIXES:
-            skipped.append(SkippedFile(str(f), f"not an image file ('{f.suffix or f.name}')"))
-            continue
         caption = _first_line(f.with_suffix(".txt"))
-        if not caption:
-            skipped.append(SkippedFile(str(f), f"no caption: {f.with_suffix('.txt').name} is missing or empty"))
-            continue
-        try:
-            read_image(f)
-        except BadImage as exc:
-            skipped.append(SkippedFile(str(f), str(exc)))
+        why = unusable(f, root_real) or ("" if caption else f"no caption: {f.with_suffix('.txt').name} is missing or empty")
+        if why:
+            skipped.append(SkippedFile(str(f), why))
             continue
         samples.append(Sample(str(f), captions.setdefault(caption, len(captions))))
     return _checked(ImageSet(name, str(root), list(captions), samples, skipped), root)

@@ -124,23 +124,16 @@ def train_prompts(method: Method, loaded: LoadedModel, preprocess, shots: ImageS
 def codebook(loaded: LoadedModel, k: int) -> torch.Tensor:
     """K-means centres (k x width) of the text tower's token-embedding table, computed once per
     table and kept in the user cache (scikit-learn's KMeans, seeded)."""
-    from safetensors.torch import load_file, save
-
-    from ..fsio import write_bytes_atomic
     from ..models.load import _hash_tensors
-    from ..paths import user_cache_dir
+    from ..paths import cached_tensor
     from ..prompts import token_embedding
 
     table = token_embedding(loaded.model).weight.detach().float().cpu()
-    path = user_cache_dir() / "codebooks" / f"{_hash_tensors({'table': table})[:32]}-k{k}.safetensors"
-    if path.is_file():
-        try:
-            return load_file(str(path))["centres"]
-        except Exception:  # a damaged cache entry is rebuilt, never trusted
-            pass
-    from sklearn.cluster import KMeans
 
-    fitted = KMeans(n_clusters=min(k, len(table)), n_init=1, max_iter=100, random_state=0).fit(table.numpy())
-    centres = torch.from_numpy(fitted.cluster_centers_).float().contiguous()
-    write_bytes_atomic(path, save({"centres": centres}))
-    return centres
+    def fit() -> torch.Tensor:
+        from sklearn.cluster import KMeans
+
+        fitted = KMeans(n_clusters=min(k, len(table)), n_init=1, max_iter=100, random_state=0).fit(table.numpy())
+        return torch.from_numpy(fitted.cluster_centers_).float()
+
+    return cached_tensor("codebooks", f"{_hash_tensors({'table': table})[:32]}-k{k}", fit)

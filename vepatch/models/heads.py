@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from .load import LoadedModel, text_fingerprint
-from ..paths import user_cache_dir
+from ..paths import cached_tensor
 
 
 def normalize_templates(templates: Sequence[str]) -> list[str]:
@@ -26,21 +26,7 @@ def text_head(loaded: LoadedModel, classnames: Sequence[str], templates: Sequenc
     """(num_classes, dim) normalized class embeddings, averaged over templates."""
     templates = normalize_templates(templates)
     key = _head_key(text_fingerprint(loaded.model), classnames, templates)
-    path = user_cache_dir() / "heads" / f"{key}.safetensors"
-    if path.is_file():
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))["head"]
-        except Exception:  # a damaged cache entry is rebuilt, never trusted
-            pass
-    head = compute_text_head(loaded, classnames, templates)
-    from safetensors.torch import save
-
-    from ..fsio import write_bytes_atomic
-
-    write_bytes_atomic(path, save({"head": head}))
-    return head
+    return cached_tensor("heads", key, lambda: compute_text_head(loaded, classnames, templates))
 
 
 def compute_text_head(loaded: LoadedModel, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
