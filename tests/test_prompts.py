@@ -123,3 +123,47 @@ def test_ck_coop_learns_fewer_numbers_from_centres_computed_once_per_token_table
     assert delta.touches_text and all(k.startswith("vepatch_prompts.") for k in delta.tensors)
     change = next(v for k, v in delta.tensors.items() if k.endswith("#dense"))
     assert change.shape == (4, 32) and change.abs().sum() > 0
+
+
+def test_a_prompt_patch_is_guarded_with_heads_remade_per_strength_from_one_read_of_every_image(vit_bundle, tmp_path,
+                                                                                                  monkeypatch):
+    import numpy as np
+
+    from vepatch import guard
+    from vepatch.data import open_image_set
+    from vepatch.delta import Delta, apply_delta, restore
+    from vepatch.evaluate import predict
+    from vepatch.models import load_model
+    from vepatch.models.heads import text_head
+    from vepatch.prompts import PREFIX, key_of, prefix_ids
+
+    loaded = load_model(f"local-dir:{vit_bundle}")
+    images = open_image_set(tiny.make_folder(tmp_path / "set", 4, seed=3))
+    template = "a photo of a {}."
+    suites = [guard.Suite("set", "guard", images, text_head(loaded, images.classnames, [template]), 1.0, templates=(template,))]
+    ids, text = prefix_ids(loaded.tokenizer, template)
+    delta = Delta()
+    delta.add_prompt(f"{PREFIX}{key_of(ids)}.context", torch.randn(4, 32, generator=torch.Generator().manual_seed(0)), ids, text)
+    spec = GuardSpec(strengths=[0.5, 1.0])
+    reads, remade = [], []
+    loaded.model.visual.register_forward_hook(lambda *_: reads.append(1))
+    real = guard.with_heads
+
+    def counted(model, suites):
+        out = real(model, suites)
+        remade.append(not torch.equal(out[0].head, suites[0].head))
+        return out
+
+    monkeypatch.setattr(guard, "with_heads", counted)
+    fast = guard.search_strengths(loaded, delta, suites, spec, 4, "cpu")
+    assert len(reads) == 3  # 12 images in batches of 4, read once for the baseline and both strengths
+    assert remade == [True, True]  # each strength's heads made again, and changed
+    plain = guard.search_strengths(loaded, delta, suites, spec, 4, "cpu", keep_bytes=0)
+    assert fast[0] == plain[0]
+    for k in plain[1]:
+        assert np.array_equal(fast[1][k]["set"].preds, plain[1][k]["set"].preds)
+    # at each strength, the predictions are those of the patched model reading the classes anew
+    originals = apply_delta(loaded.model, delta, 1.0)
+    expected = predict(loaded, text_head(loaded, images.classnames, [template]), images, 4, "cpu")
+    restore(loaded.model, originals)
+    assert np.array_equal(plain[1][1.0]["set"].preds, expected.preds)

@@ -26,7 +26,7 @@ from .recipe import GuardSpec
 from .retrieval import CAPTION_TEMPLATE, Row, query_sources, row_predictions, rows_for
 from .records import ClassOutcome, GuardReport, PatchManifest, StrengthResult, SuiteResult
 from .runtime import distributed
-from .runtime.passes import DEFAULT_BUDGET_BYTES, Budget, Predictions, SuiteInputs
+from .runtime.passes import DEFAULT_BUDGET_BYTES, FEATURES, Budget, Predictions, SuiteInputs
 from .runtime.predcache import PredictionCache, key
 
 
@@ -191,7 +191,8 @@ def search_strengths(
     touches are kept (within `keep_bytes`) and every pass runs only the rest of the tower; the
     baseline's predictions come from `cache` when it has them. Returns the trials, the
     candidates' predictions, the baseline's."""
-    entry = describe_tower(baseline.model).entry_for(delta.params) if keep_bytes else ""
+    entry = "" if not keep_bytes else (describe_tower(baseline.model).entry_for(delta.params)
+                                       if any(p.startswith("visual.") for p in delta.params) else FEATURES)
     budget = Budget(keep_bytes)
     inputs = {s.source: SuiteInputs(s.images, baseline.preprocess, batch_size, entry, budget) for s in suites}
 

@@ -7,6 +7,8 @@ module is kept in memory after the first pass computes it, within a byte budget:
   entry a module   the activations entering that block (`Tower.entry_for`): when a patch
                    leaves every earlier module untouched, each later pass runs only the rest
                    of the tower, for the baseline and for every strength alike.
+  entry FEATURES   the normalized image features themselves: a patch that leaves the whole
+                   vision tower untouched (a prompt patch) reads every image once.
 The rest of the tower is run by the model's own forward: a pre-hook on the entry module swaps
 in the kept activations, and what comes before it runs on a one-image stand-in. Predictions are
 bit-identical to a plain pass (tests/test_passes.py).
@@ -30,6 +32,7 @@ from ..data import ImageSet, TorchImages
 from . import distributed
 
 DEFAULT_BUDGET_BYTES = 2 << 30  # activations kept per guard run, across suites
+FEATURES = "#features"  # the entry past the whole tower: its output is what is kept
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,8 @@ def autocast(device: str):
 
 def capture(model, entry: str, x: torch.Tensor) -> torch.Tensor:
     """The input of module `entry` for images `x` (only what comes before it runs)."""
+    if entry == FEATURES:
+        return model.encode_image(x, normalize=True)
     seen = []
 
     def hook(_module, args, kwargs):
@@ -174,6 +179,8 @@ def run_from(model, entry: str, x: torch.Tensor, stand_in: torch.Tensor) -> torc
     """Normalized image features, given `x` = the input of `entry` ('' = the images)."""
     if not entry:
         return model.encode_image(x, normalize=True)
+    if entry == FEATURES:
+        return x
 
     def hook(_module, args, kwargs):
         if args:
