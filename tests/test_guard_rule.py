@@ -65,6 +65,17 @@ def test_a_drop_exactly_at_the_bar_passes():
     assert verdict(200, lost=2, gained=0).passed  # -1.0 pp is not more than 1.0 pp
 
 
+def test_a_mean_drop_exactly_at_the_mean_bar_passes():
+    """3 of 600 lost is -0.5 pp; in floating point the mean came out as -0.50000000000001 and
+    refused a stream's first round for 'mean guard drop -0.50 pp > 0.50 pp allowed'."""
+    suite = Suite("g", "guard", ImageSet("g", "", ["a", "b"], []), None, 1.0)
+    b, a = paired(600, lost=3, gained=0)
+    result = judge([suite], {"g": b}, {"g": a}, GuardSpec(max_mean_drop_pp=0.5), 1.0)
+    assert result.mean_guard_change_pp == pytest.approx(-0.5) and result.passed, result.why
+    b, a = paired(600, lost=4, gained=0)  # -0.67 pp: beyond it
+    assert not judge([suite], {"g": b}, {"g": a}, GuardSpec(max_mean_drop_pp=0.5), 1.0).passed
+
+
 def test_a_suite_the_baseline_reads_at_chance_is_not_judged():
     """10 classes, baseline right on 10%: its changes are noise and never block a candidate."""
     n, k = 200, 10
