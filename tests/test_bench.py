@@ -54,6 +54,28 @@ def test_bench_writes_json_markdown_and_plot(make_workspace, vit_bundle, tmp_pat
         assert abs(next(x["after"] for x in chosen["suites"] if x["role"] == "target") - run["target_at_guard"]) < 1e-9
 
 
+def test_a_learning_rate_sweep_on_a_tuning_seed_trains_each_method_at_each_rate(make_workspace, vit_bundle, tmp_path):
+    from vepatch import store
+    from vepatch.workspace import Workspace
+
+    pool = tiny.make_folder(tmp_path / "pool", 8, seed=5)
+    root = make_workspace(vit_bundle, shot_pool=DataSpec(path=str(pool)), apply=ApplySpec(shots=3, epochs=1, augment_scale=1.0),
+                          guard=GuardSpec(min_target_gain_pp=-100.0, max_mean_drop_pp=100.0))
+    result = CliRunner().invoke(app, ["bench", "-C", str(root), "--methods", "ln", "--seeds", "1", "--first-seed", "100",
+                                      "--lrs", "1e-4,3e-2", "--json"])
+    assert result.exit_code == 0, result.output
+    runs = json.loads(result.stdout)["runs"]
+    assert [(r["method"], r["seed"]) for r in runs] == [("ln lr=0.0001", 100), ("ln lr=0.03", 100)]
+    ws = Workspace(root)
+    rates = [store.read_candidate(ws, r["candidate_id"])[0].recipe.apply.learning_rate for r in runs]
+    assert rates == [1e-4, 3e-2]
+    sizes = [float(store.read_candidate(ws, r["candidate_id"])[1].tensors[k].abs().sum())
+             for r in runs for k in [next(k for k in store.read_candidate(ws, r["candidate_id"])[1].tensors)]]
+    assert sizes[0] < sizes[1]  # the larger rate moved the norms further
+    bad = CliRunner().invoke(app, ["bench", "-C", str(root), "--methods", "ln", "--lrs", "fast"])
+    assert bad.exit_code == 2 and "--lrs" in bad.output
+
+
 def test_base_to_new_trains_on_the_base_classes_only_and_measures_both(vit_bundle, tmp_path):
     from pathlib import Path
 

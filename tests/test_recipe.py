@@ -42,6 +42,9 @@ def test_unknown_key_is_an_error_with_did_you_mean(tmp_path):
     ("guard:\n  suites:\n    - {path: a/val}\n    - {path: b/val}\n", "a/val and b/val are both named 'val'"),
     ("guard:\n  suites:\n    - {path: builtin:digits}\n    - {path: x, name: digits}\n", "both named 'digits'"),
     ("guard:\n  suites:\n    - {path: x, name: v2-holdout}\n", "reserved for holdouts"),
+    # per-method learning rates: registered methods, rates above 0
+    ("apply:\n  method_lr: {lorsa: 0.001}\n", "apply.method_lr: lorsa: 0.001 is not a method"),
+    ("apply:\n  method_lr: {lora: 0}\n", "apply.method_lr: lora: 0"),
 ])
 def test_a_bad_recipe_is_refused_naming_the_file_and_the_place(tmp_path, text, where):
     path = tmp_path / "r.yaml"
@@ -56,6 +59,16 @@ def test_recipe_round_trips_through_yaml(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(dump_recipe(recipe))
     assert load_recipe(path) == recipe
+
+
+def test_a_learning_rate_comes_from_apply_lr_then_method_lr_then_the_method():
+    from vepatch.methods import get
+    from vepatch.recipe import ApplySpec
+
+    tuned = {"lora": 3e-4}
+    assert ApplySpec(method="lora", method_lr=tuned).learning_rate == 3e-4
+    assert ApplySpec(method="lorsu", method_lr=tuned).learning_rate == get("lorsu").lr
+    assert ApplySpec(method="lora", lr=1e-2, method_lr=tuned).learning_rate == 1e-2  # --lr wins
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from . import __version__, clock, store
+from .captioning import caption_target, require_coca
 from .context import Context
 from .data import merge_sets, ImageSet, open_image_set, split_shots
 from .delta import patched_fingerprint
@@ -134,6 +135,8 @@ def _apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan], diagnosis: st
     plan = plan or plan_from_pool(ctx, recipe)
     shots = plan.shots
     loaded, version = ctx.model()
+    if spec.loss == "cafe":  # before anything trains: CAFe captions with the model's own decoder
+        check_cafe(loaded, method)
     tower = describe_tower(loaded.model)
     head = text_head(loaded, recipe.classes, recipe.templates)
 
@@ -159,7 +162,8 @@ def _apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan], diagnosis: st
     # distillation: on the recipe's reference set, or a cycle's earlier images (none on a first night: nothing to keep yet)
     distill = spec.distills and not (plan.cycle and plan.reference is None and recipe.reference is None)
     reference = reference_logits(ctx, loaded, recipe, plan.reference) if distill else None
-    objective = Objective(head, loaded.model.logit_scale.exp().detach(), prompts, reference)
+    captions = caption_target(loaded, recipe.classes, recipe.templates) if spec.loss == "cafe" else None
+    objective = Objective(head, loaded.model.logit_scale.exp().detach(), prompts, reference, captions)
     from .runtime.oom import retry_on_oom
 
     def attempt(batch_size: int, trainable=trainable):  # bound now: the name is deleted below
@@ -172,6 +176,15 @@ def _apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan], diagnosis: st
     allowed = dict(sorted(trainable.summary.items()))
     del visual, trainable
     return _write(ctx, recipe, plan, loaded, version, delta, allowed, stats, diagnosis_file, origin)
+
+
+def check_cafe(loaded: LoadedModel, method: Method) -> None:
+    """`apply.loss: cafe` trains the vision tower of a CoCa against its own decoder; a usage
+    error otherwise (no decoder to caption with, or a method that leaves the tower alone)."""
+    require_coca(loaded, "apply.loss: cafe", "use apply.loss: ce (or --loss ce), or an open_clip CoCa as model.ref")
+    if method.side != "vision":
+        raise UsageError(f"apply.loss: cafe trains the vision tower; --method {method.name} learns prompts",
+                         "use a vision method (lorsu, lora, ln, full, ...) or apply.loss: ce")
 
 
 def _write(ctx: Context, recipe: Recipe, plan: ShotPlan, loaded: LoadedModel, version: str, delta, allowed: dict[str, int],

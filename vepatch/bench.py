@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import clock, store
+from . import captioning, clock, store
 from ._typed import to_plain
 from .context import Context
 from .errors import VepatchError
@@ -23,6 +23,7 @@ from .fsio import write_text_atomic
 from .guard import choose, guard_suites, mcnemar_p, search_strengths
 from .report import bench_page
 from .records import PatchManifest
+from .runtime.passes import Scores
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class BenchRun:
     target_before: float
     target_after: float
     guard_change_pp: dict[str, float]  # suite -> after - before, percentage points (at strength 1)
-    guard_p: dict[str, float]  # suite -> McNemar p (at strength 1)
+    guard_p: dict[str, float]  # suite -> McNemar p (at strength 1; a captioning row: Wilcoxon signed-rank p)
     # what the guard's search would promote: its strength (0.0: it refuses, the parent stays)
     # and the target accuracy and guard changes there
     guard_strength: float
@@ -84,19 +85,23 @@ def apply_in_subprocess(workspace: Path, method: str, seed: int, shots: int, ext
 
 
 def run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, extra: Optional[list[str]] = None,
-              progress: Optional[Callable[[int, int], None]] = None) -> list[BenchRun]:
+              progress: Optional[Callable[[int, int], None]] = None, lrs: Optional[list[float]] = None) -> list[BenchRun]:
+    """Every method on every seed; with `lrs`, every method at each of those learning rates (a
+    sweep on a tuning split: rows are labelled 'method lr=X')."""
     with ctx.workspace.lock():
-        return _run_bench(ctx, methods, seeds, shots, extra, progress)
+        return _run_bench(ctx, methods, seeds, shots, extra, progress, lrs)
 
 
 def _run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, extra: Optional[list[str]],
-               progress: Optional[Callable[[int, int], None]]) -> list[BenchRun]:
+               progress: Optional[Callable[[int, int], None]], lrs: Optional[list[float]] = None) -> list[BenchRun]:
     parent, version = ctx.model()
-    runs, total, step = [], len(methods) * len(seeds), 0
+    plans = [(m, lr) for m in methods for lr in (lrs or [None])]
+    runs, total, step = [], len(plans) * len(seeds), 0
     cache = ctx.prediction_cache()  # the parent's predictions: computed once per suite and holdout
     for seed in seeds:
-        for method in methods:
-            manifest = apply_in_subprocess(ctx.workspace.root, method, seed, shots, extra or [])
+        for method, lr in plans:
+            rate = [] if lr is None else ["--lr", f"{lr:g}"]
+            manifest = apply_in_subprocess(ctx.workspace.root, method, seed, shots, (extra or []) + rate)
             _, delta = store.read_candidate(ctx.workspace, manifest.candidate_id)
             suites, _ = guard_suites(ctx, parent, manifest, version)
             # scored at strength 1 and at the strength the guard's own search would promote
@@ -108,11 +113,12 @@ def _run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, e
             guards = [s.name for s in suites if s.role == "guard"]
             at_guard = {r.name: r for r in best.suites} if best else {}
             runs.append(BenchRun(
-                method, seed, manifest.candidate_id, manifest.trainable_params, manifest.patch_bytes,
+                method if lr is None else f"{method} lr={lr:g}", seed, manifest.candidate_id, manifest.trainable_params, manifest.patch_bytes,
                 manifest.metrics.apply_seconds, manifest.metrics.peak_memory_mb,
                 base["target-holdout"].accuracy, after["target-holdout"].accuracy,
                 {g: 100 * (after[g].accuracy - base[g].accuracy) for g in guards},
-                {g: mcnemar_p(base[g].correct, after[g].correct) for g in guards},
+                {g: captioning.paired_p(base[g], after[g]) if isinstance(base[g], Scores)  # a captioning row: signed-rank
+                    else mcnemar_p(base[g].correct, after[g].correct) for g in guards},
                 best.strength if best else 0.0,
                 at_guard["target-holdout"].after if best else base["target-holdout"].accuracy,
                 {g: at_guard[g].change_pp if best else 0.0 for g in guards},

@@ -132,10 +132,10 @@ def open_guard_suite(ctx: Context, spec: GuardSuite) -> ImageSet:
                f"put a labelled folder there (e.g. python examples/prepare_guards.py {ctx.workspace.root if ctx.workspace else 'WS'}), "
                "use a built-in suite (path: builtin:digits), or mark it `optional: true`")
         raise DataError(f"guard suite '{name}': {path} is not there", fix)
-    if spec.kind == "retrieval":
+    if spec.kind in ("retrieval", "captioning"):  # images with captions, read one way (retrieval.py)
         from .retrieval import open_caption_set
 
-        return open_caption_set(path, spec.label)
+        return open_caption_set(path, spec.label, spec.kind)
     return open_image_set(path, spec.classes or None, spec.folders, spec.label, spec.max_per_class, ctx.recipe.seed)
 
 

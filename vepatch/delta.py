@@ -7,6 +7,10 @@ sparsity and rank for any strength lambda:
   dense    '<param>#dense' (same shape as the param)
   prompt   '<slot>#dense' + '<slot>#prompt.ids' + '<slot>#prompt.text': a prompt patch's change
            to the learned vectors of one prefix, with the prefix's token ids and text (prompts.py)
+  weights  '<entry>#dense' + '<entry>#weights.text': DCAR's description weights (classes x
+           templates, a change from the uniform average) and, as JSON, their classes and templates
+  vprompt  '<set>.tokens#vprompt.tokens' (stored, never scaled) + '<set>.gate#dense' (0 -> 1,
+           scaled): visual prompt tokens and the gate that weights them (visual_prompts.py)
 Stored as safetensors only; never pickle.
 """
 
@@ -21,8 +25,9 @@ from torch import nn
 
 from .errors import StoreError
 
-KINDS = ("sparse.index", "sparse.value", "lowrank.up", "lowrank.down", "dense", "prompt.ids", "prompt.text")
-INDEX_KINDS = ("sparse.index", "prompt.ids", "prompt.text")  # integers: never scaled, not counted as trained numbers
+KINDS = ("sparse.index", "sparse.value", "lowrank.up", "lowrank.down", "dense", "prompt.ids", "prompt.text",
+         "vprompt.tokens", "weights.text")
+INDEX_KINDS = ("sparse.index", "prompt.ids", "prompt.text", "weights.text")  # integers: never scaled, not counted as trained numbers
 
 
 @dataclass
@@ -54,10 +59,21 @@ class Delta:
         self.tensors[f"{name}#prompt.ids"] = ids.to(torch.int64).contiguous()
         self.tensors[f"{name}#prompt.text"] = text_bytes(text)
 
+    def add_weights(self, name: str, change: torch.Tensor, label: str) -> None:
+        from .prompts import text_bytes
+
+        self.add_dense(name, change)
+        self.tensors[f"{name}#weights.text"] = text_bytes(label)
+
+    def add_visual_tokens(self, name: str, tokens: torch.Tensor) -> None:
+        """Visual prompt tokens (kept as they are at every strength) and their gate's change 0 -> 1."""
+        self.tensors[f"{name}.tokens#vprompt.tokens"] = tokens.float().contiguous()
+        self.add_dense(f"{name}.gate", torch.ones(()))
+
     @property
     def touches_text(self) -> bool:
         """A prompt patch (or a chain step holding one): the text heads change with it."""
-        return any(k.endswith("#prompt.ids") for k in self.tensors)
+        return any(k.endswith(("#prompt.ids", "#weights.text")) for k in self.tensors)
 
     def change_for(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The dense change this delta makes to parameter `name` (shape and dtype of `like`)."""
@@ -118,9 +134,10 @@ def apply_delta(model: nn.Module, delta: Delta, strength: float = 1.0) -> dict[s
     """theta += strength * delta, in place, in float32 on the CPU copy of each change (so the
     result is bit-for-bit the same wherever it is loaded). Returns the originals, for `restore`.
     A prompt patch's slots are made first (at their start: nothing changes until the delta is added)."""
-    from .prompts import attach
+    from . import prompts, visual_prompts
 
-    attach(model, delta.tensors)
+    prompts.attach(model, delta.tensors)
+    visual_prompts.attach(model, delta.tensors)
     params = dict(model.named_parameters())
     originals = {}
     for name in delta.params:

@@ -15,7 +15,7 @@ from .context import Context, set_and_templates
 from .data import ImageSet, TorchImages
 from .models import LoadedModel
 from .models.heads import text_head
-from .records import EvalReport, RetrievalReport
+from .records import CaptioningReport, EvalReport, RetrievalReport
 from .runtime.passes import Predictions, SuiteInputs
 
 
@@ -78,6 +78,34 @@ def retrieval_set(ctx: Context, data: Path) -> Optional[ImageSet]:
         if suite.kind == "retrieval" and ctx.resolve(suite.path).resolve() == resolved:
             return open_guard_suite(ctx, suite)
     return open_caption_set(resolved, data.name) if is_caption_folder(resolved) else None
+
+
+def captioning_set(ctx: Context, data: Path) -> Optional[ImageSet]:
+    """`data` opened as a captioning suite of the recipe (kind: captioning); None otherwise (a
+    caption folder outside the recipe is read as a retrieval set)."""
+    from .context import open_guard_suite
+
+    resolved = data.resolve()
+    for suite in ctx.recipe.guard.suites:
+        if suite.kind == "captioning" and ctx.resolve(suite.path).resolve() == resolved:
+            return open_guard_suite(ctx, suite)
+    return None
+
+
+def evaluate_captioning(ctx: Context, images: ImageSet, version: Optional[str] = None,
+                        batch_size: Optional[int] = None) -> CaptioningReport:
+    """`vepatch eval` on a captioning suite: the mean likelihood of its captions (a CoCa's)."""
+    from .captioning import mean_likelihood, require_suite_model
+
+    loaded, name = ctx.model(version)
+    require_suite_model(loaded, images.name)
+    progress.begin("eval", len(images))
+    value = mean_likelihood(loaded, images, batch_size or ctx.recipe.batch_size, ctx.device)
+    result = CaptioningReport(images.name, name if ctx.workspace else ctx.recipe.model.ref, len(images),
+                              len(images.classnames), value, list(images.skipped))
+    if ctx.workspace:
+        ctx.workspace.log("eval", data=images.root, version=name, caption_likelihood=value, n=result.images)
+    return result
 
 
 def evaluate_retrieval(ctx: Context, images: ImageSet, version: Optional[str] = None,

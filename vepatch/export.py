@@ -58,9 +58,12 @@ def export_bundle(loaded: LoadedModel, ref: str, out: Path, version: str, force:
             text_cfg["hf_model_name"] = str(out)
             text_cfg["hf_tokenizer_name"] = str(out)
     from .prompts import BANK, EXPORT_FILE, export_bytes
+    from .visual_prompts import PREFIX as VISUAL_PROMPTS
 
-    # learned prompt vectors are not open_clip weights: they go beside them (prompts.install reads them)
-    state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items() if not k.startswith(BANK + ".")}
+    # learned prompt vectors (text and visual) are not open_clip weights: they go beside them
+    # (prompts.install reads them)
+    state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()
+             if not k.startswith((BANK + ".", VISUAL_PROMPTS))}
     write_bytes_atomic(out / "open_clip_model.safetensors",
                        save(state, metadata={"vepatch_version": version, "fingerprint": loaded.fingerprint}))
     learned = export_bytes(loaded.model)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from scipy.stats import binomtest
 
-from . import clock, evidence, progress, store
+from . import captioning, clock, evidence, progress, store
 from .context import Context, open_guard_suite
 from .data import ImageSet, open_holdout
 from .delta import Delta, apply_delta, patched_fingerprint, restore
@@ -26,7 +26,7 @@ from .recipe import GuardSpec
 from .retrieval import CAPTION_TEMPLATE, Row, query_sources, row_predictions, rows_for
 from .records import ClassOutcome, GuardReport, PatchManifest, StrengthResult, SuiteResult
 from .runtime import distributed
-from .runtime.passes import DEFAULT_BUDGET_BYTES, FEATURES, Budget, Predictions, SuiteInputs
+from .runtime.passes import DEFAULT_BUDGET_BYTES, FEATURES, Budget, Measured, Predictions, Scores, SuiteInputs, outputs
 from .runtime.predcache import PredictionCache, key
 
 
@@ -41,6 +41,7 @@ class Suite:
     row: Optional[Row] = None  # a retrieval suite's direction and K (head: its caption embeddings)
     group: str = ""  # the retrieval suite whose images this row ranks ('' = the suite's own name)
     templates: tuple[str, ...] = ()  # what `head` was made from (with the class names): a prompt patch remakes it
+    caption: bool = False  # a captioning suite's row: each image's caption likelihood (captioning.py; `head` unused)
 
     @property
     def source(self) -> str:
@@ -51,7 +52,8 @@ class Suite:
 def with_heads(loaded: LoadedModel, suites: list[Suite]) -> list[Suite]:
     """The suites with their heads made again by `loaded`'s text side (a prompt patch changes
     them; the text heads' cache makes an unchanged one free)."""
-    return [dataclasses.replace(s, head=text_head(loaded, s.images.classnames, list(s.templates))) for s in suites]
+    return [s if s.caption else dataclasses.replace(s, head=text_head(loaded, s.images.classnames, list(s.templates)))
+            for s in suites]
 
 
 def images_per_pass(suites: list[Suite]) -> int:
@@ -60,12 +62,16 @@ def images_per_pass(suites: list[Suite]) -> int:
 
 
 def evaluate_suites(suites: list[Suite], classify: Callable[[Suite], Predictions],
-                    embed: Callable[[Suite], torch.Tensor]) -> dict[str, Predictions]:
+                    embed: Callable[[Suite], torch.Tensor], score: Callable[[Suite], Scores] | None = None) -> dict[str, Measured]:
     """Every suite's predictions under the model's current weights: `classify(s)` for a
-    classification suite; for a retrieval suite, one `embed(s)` of its images ranked by every row."""
-    out: dict[str, Predictions] = {}
+    classification suite; for a retrieval suite, one `embed(s)` of its images ranked by every
+    row; for a captioning suite, `score(s)`."""
+    out: dict[str, Measured] = {}
     for s in suites:
         if s.name in out:
+            continue
+        if s.caption:
+            out[s.name] = score(s)
             continue
         if s.row is None:
             out[s.name] = classify(s)
@@ -109,18 +115,20 @@ def at_chance(suite: Suite, baseline: Predictions, alpha: float = 0.05) -> bool:
     """A recipe guard suite the baseline does not read better than chance (one-sided binomial
     test against 1/classes at `alpha`) guards nothing: its changes are noise."""
     n, k = len(baseline.labels), max(1, len(suite.images.classnames))
-    if suite.role != "guard" or suite.holdout or suite.row is not None or n == 0:
-        return False
+    if suite.role != "guard" or suite.holdout or suite.row is not None or suite.caption or n == 0:
+        return False  # a retrieval row or a caption likelihood has no chance level of 1/classes
     return binomtest(int(baseline.correct.sum()), n, 1.0 / k, alternative="greater").pvalue >= alpha
 
 
-def judge(suites: list[Suite], base: dict[str, Predictions], cand: dict[str, Predictions], spec: GuardSpec, strength: float) -> StrengthResult:
+def judge(suites: list[Suite], base: dict[str, Measured], cand: dict[str, Measured], spec: GuardSpec, strength: float) -> StrengthResult:
     results, guard_changes = [], []
     for s in suites:
         b, a = base[s.name], cand[s.name]
         change = 100 * (a.accuracy - b.accuracy)
-        p = drop_p(b.correct, a.correct)
-        detectable = detectable_drop_pp(len(b.labels), spec.alpha)
+        if isinstance(b, Scores):  # per-image values, not right or wrong: the signed-rank test and its size rule
+            p, detectable = captioning.drop_p(b, a), captioning.detectable_drop_pp(len(b.labels), spec.alpha)
+        else:
+            p, detectable = drop_p(b.correct, a.correct), detectable_drop_pp(len(b.labels), spec.alpha)
         if s.role == "target":
             passed = change >= spec.min_target_gain_pp
             why = "gain ok" if passed else f"gain {change:+.1f} pp < required {spec.min_target_gain_pp:+.1f} pp"
@@ -151,21 +159,25 @@ def judge(suites: list[Suite], base: dict[str, Predictions], cand: dict[str, Pre
 
 
 def keep_predictions(cache: PredictionCache, fingerprint: str, loaded: LoadedModel, suites: list[Suite],
-                     preds: dict[str, Predictions], batch_size: int, device: str) -> None:
+                     preds: dict[str, Measured], batch_size: int, device: str) -> None:
     """Keep a promoted version's predictions as the guard made them (the caller checked that the
     weights it judged have the version's `fingerprint`): the next night's guard, whose baseline
     it is, and the measurements between stream rounds find them made. The writer alone calls
     this (under torchrun the other ranks have returned), so no collective is involved."""
-    for s in (s for s in suites if s.row is None):  # retrieval rows are recomputed: one cheap pass
+    # retrieval rows are recomputed: one cheap pass; caption likelihoods too: they depend on the
+    # text tower and decoder, which the key (vision fingerprint, preprocessing, head) does not cover
+    for s in (s for s in suites if s.row is None and not s.caption):
         cache.put(key(fingerprint, loaded.preprocess, s.head, s.images, batch_size, device), preds[s.name])
 
 
 def predict_all(loaded: LoadedModel, suites: list[Suite], batch_size: int, device: str,
-                cache: PredictionCache | None = None) -> dict[str, Predictions]:
-    """One plain pass per suite (nothing kept), or the cache's copy of it."""
+                cache: PredictionCache | None = None) -> dict[str, Measured]:
+    """One plain pass per suite (nothing kept), or the cache's copy of it (never a caption
+    likelihood's: see keep_predictions)."""
     return evaluate_suites(
         suites, lambda s: cached(loaded, s, batch_size, device, cache, lambda: predict(loaded, s.head, s.images, batch_size, device)),
-        lambda s: SuiteInputs(s.images, loaded.preprocess, batch_size).embed(loaded.model, device))
+        lambda s: SuiteInputs(s.images, loaded.preprocess, batch_size).embed(loaded.model, device),
+        lambda s: captioning.scores(loaded, SuiteInputs(s.images, loaded.preprocess, batch_size), device))
 
 
 def cached(loaded: LoadedModel, suite: Suite, batch_size: int, device: str, cache: PredictionCache | None,
@@ -183,9 +195,9 @@ def cached(loaded: LoadedModel, suite: Suite, batch_size: int, device: str, cach
 
 def search_strengths(
     baseline: LoadedModel, delta: Delta, suites: list[Suite], spec: GuardSpec, batch_size: int, device: str,
-    base_predictions: dict[str, Predictions] | None = None, cache: PredictionCache | None = None,
+    base_predictions: dict[str, Measured] | None = None, cache: PredictionCache | None = None,
     keep_bytes: int = DEFAULT_BUDGET_BYTES,
-) -> tuple[list[StrengthResult], dict[float, dict[str, Predictions]], dict[str, Predictions]]:
+) -> tuple[list[StrengthResult], dict[float, dict[str, Measured]], dict[str, Measured]]:
     """Evaluate baseline once and baseline + lambda * delta for every lambda, in this process,
     same device and batches. Each suite is read once: its inputs at the first module the delta
     touches are kept (within `keep_bytes`) and every pass runs only the rest of the tower; the
@@ -194,7 +206,10 @@ def search_strengths(
     entry = "" if not keep_bytes else (describe_tower(baseline.model).entry_for(delta.params)
                                        if any(p.startswith("visual.") for p in delta.params) else FEATURES)
     budget = Budget(keep_bytes)
-    inputs = {s.source: SuiteInputs(s.images, baseline.preprocess, batch_size, entry, budget) for s in suites}
+    # a caption likelihood reads the tower's image tokens, which kept features do not hold: a
+    # prompt patch's captioning suites keep their decoded images instead
+    inputs = {s.source: SuiteInputs(s.images, baseline.preprocess, batch_size, "" if s.caption and entry == FEATURES else entry,
+                                    budget) for s in suites}
 
     def run(s: Suite) -> Predictions:
         return inputs[s.source].predict(baseline.model, s.head, device)
@@ -202,12 +217,16 @@ def search_strengths(
     def embed(s: Suite) -> torch.Tensor:
         return inputs[s.source].embed(baseline.model, device)
 
-    base = base_predictions or evaluate_suites(suites, lambda s: cached(baseline, s, batch_size, device, cache, lambda: run(s)), embed)
+    def score(s: Suite) -> Scores:
+        return captioning.scores(baseline, inputs[s.source], device)
+
+    base = base_predictions or evaluate_suites(suites, lambda s: cached(baseline, s, batch_size, device, cache, lambda: run(s)),
+                                               embed, score)
     trials, preds = [], {}
     for strength in sorted(spec.strengths, reverse=True):
         originals = apply_delta(baseline.model, delta, strength)
         try:  # a prompt patch changes what the text side makes of every suite's classes
-            preds[strength] = evaluate_suites(with_heads(baseline, suites) if delta.touches_text else suites, run, embed)
+            preds[strength] = evaluate_suites(with_heads(baseline, suites) if delta.touches_text else suites, run, embed, score)
         finally:
             restore(baseline.model, originals)
         trials.append(judge(suites, base, preds[strength], spec, strength))
@@ -238,18 +257,21 @@ def class_outcomes(images: ImageSet, before: Predictions, after: Predictions) ->
     return out
 
 
-def predictions_hash(p: Predictions) -> str:
+def predictions_hash(p: Measured) -> str:
     import hashlib
 
-    return hashlib.sha256(p.preds.astype(np.int64).tobytes()).hexdigest()
+    out = outputs(p)
+    return hashlib.sha256(out.astype(np.float64 if isinstance(p, Scores) else np.int64).tobytes()).hexdigest()
 
 
-def evidence_of(ws, suites: list[Suite], before: dict[str, Predictions], after: dict[str, Predictions],
+def evidence_of(ws, suites: list[Suite], before: dict[str, Measured], after: dict[str, Measured],
                 strength: float) -> Evidence:
-    """Every suite's images, labels and both models' predictions, as the verdict keeps them."""
+    """Every suite's images, labels and both models' predictions (a captioning suite: both
+    models' caption likelihoods), as the verdict keeps them."""
     return Evidence(strength, [
         SuiteEvidence(s.name, s.role, list(s.images.classnames), [ws.portable(x) for x in sources_of(s)],
-                      before[s.name].labels, before[s.name].preds, after[s.name].preds)
+                      before[s.name].labels, outputs(before[s.name]), outputs(after[s.name]),
+                      "scores" if s.caption else "labels")
         for s in suites
     ])
 
@@ -271,6 +293,11 @@ def guard_suites(ctx: Context, loaded: LoadedModel, manifest: PatchManifest, bas
             notes.append(f"{spec.label}: not there, skipped (optional)")
             continue
         images = open_guard_suite(ctx, spec)
+        if spec.kind == "captioning":  # one row: the mean caption likelihood (captioning.py)
+            captioning.require_suite_model(loaded, spec.label)
+            suites.append(Suite(captioning.row_name(images.name), "guard", images, torch.zeros(0), spec.max_drop_pp,
+                                group=images.name, caption=True))
+            continue
         if spec.kind == "retrieval":
             captions = text_head(loaded, images.classnames, CAPTION_TEMPLATE)
             suites += [Suite(row.name(images.name), "guard", images, captions, spec.max_drop_pp, row=row, group=images.name,

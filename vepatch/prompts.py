@@ -50,10 +50,57 @@ class PromptSlot(nn.Module):
         return self.change is not None or not torch.equal(self.context.detach(), self.start)
 
 
+class DescriptionWeights(nn.Module):
+    """DCAR's attribute-level weights: how much each template (a description of the class)
+    counts in each class's embedding, instead of the plain average. `w` (classes x templates)
+    starts uniform, so at its start the head is the zero-shot head, bit for bit."""
+
+    def __init__(self, classes: list[str], templates: list[str]):
+        super().__init__()
+        self.classes, self.templates = list(classes), list(templates)
+        self.w = nn.Parameter(torch.full((len(classes), len(templates)), 1.0 / len(templates)), requires_grad=False)
+
+    def changed(self) -> bool:
+        return not torch.equal(self.w.detach(), torch.full_like(self.w, 1.0 / self.w.shape[1]))
+
+    def label(self) -> str:
+        import json
+
+        return json.dumps({"classes": self.classes, "templates": self.templates})
+
+
 class PromptBank(nn.Module):
     def __init__(self):
         super().__init__()
         self.slots = nn.ModuleDict()
+        self.weights = nn.ModuleDict()
+
+
+WEIGHTS = f"{BANK}.weights."
+
+
+def weights_key(classes, templates) -> str:
+    import json
+
+    return hashlib.sha256(json.dumps([list(classes), list(templates)]).encode()).hexdigest()[:12]
+
+
+def ensure_weights(model: nn.Module, classes: list[str], templates: list[str]) -> tuple[str, DescriptionWeights]:
+    """The description weights for these classes and templates (made uniform if new)."""
+    found = bank(model, create=True).weights
+    key = weights_key(classes, templates)
+    if key not in found:
+        found[key] = DescriptionWeights(classes, templates).to(token_embedding(model).weight.device)
+    return f"{WEIGHTS}{key}.w", found[key]
+
+
+def description_weights(model: nn.Module, classes, templates) -> Optional[torch.Tensor]:
+    """(classes, templates) weights a patch learned for exactly these classes and templates, or
+    None (the plain average)."""
+    found = bank(model)
+    entry = found.weights[weights_key(classes, templates)] if found is not None and \
+        weights_key(classes, templates) in found.weights else None
+    return entry.w.detach() if entry is not None and entry.changed() else None
 
 
 def key_of(ids: torch.Tensor) -> str:
@@ -133,7 +180,17 @@ def prefix_ids(tokenizer, template: str) -> tuple[torch.Tensor, str]:
 
 
 def attach(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Make the slots a delta's `#prompt.ids` entries name (applying a delta calls this first)."""
+    """Make the slots a delta's `#prompt.ids` and `#weights.text` entries name (applying a delta
+    calls this first)."""
+    import json
+
+    for name, t in tensors.items():
+        if name.endswith("#weights.text"):
+            label = json.loads(bytes(t.tolist()).decode("utf-8", "replace"))
+            made, _ = ensure_weights(model, label["classes"], label["templates"])
+            if made != name.split("#", 1)[0]:
+                raise ModelError(f"delta entry {name}: its classes and templates do not give its key",
+                                 "the patch is damaged; it is refused")
     for name, ids in tensors.items():
         if name.endswith("#prompt.ids"):
             text = bytes(tensors[name.replace("#prompt.ids", "#prompt.text")].tolist()).decode("utf-8", "replace")
@@ -149,6 +206,8 @@ def detach(model: nn.Module) -> None:
         with torch.no_grad():
             for slot in found.slots.values():
                 slot.context.copy_(slot.start)
+            for entry in found.weights.values():
+                entry.w.fill_(1.0 / entry.w.shape[1])
 
 
 def changed_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -157,13 +216,30 @@ def changed_state(model: nn.Module) -> dict[str, torch.Tensor]:
     found = bank(model)
     if found is None:
         return {}
-    return {f"{PREFIX}{k}.context": s.value().detach() for k, s in found.slots.items() if s.changed()}
+    return {**{f"{PREFIX}{k}.context": s.value().detach() for k, s in found.slots.items() if s.changed()},
+            **{f"{WEIGHTS}{k}.w": e.w.detach() for k, e in found.weights.items() if e.changed()}}
 
 
 def describe(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Slot parameter -> the prefix it learns, from a delta's entries."""
-    return {name.split("#", 1)[0]: bytes(t.tolist()).decode("utf-8", "replace")
-            for name, t in tensors.items() if name.endswith("#prompt.text")}
+    """A prompt patch's parameters -> what each is, in words, from a delta's entries (`show`'s rows)."""
+    import json
+
+    from .visual_prompts import PAD
+    from .visual_prompts import PREFIX as VISUAL
+
+    out = {}
+    for name, t in tensors.items():
+        param = name.split("#", 1)[0]
+        if name.endswith("#prompt.text"):
+            out[param] = f'prompt "{bytes(t.tolist()).decode("utf-8", "replace")}" (learned vectors)'
+        elif name.endswith("#weights.text"):
+            label = json.loads(bytes(t.tolist()).decode("utf-8", "replace"))
+            out[param] = f"description weights ({len(label['classes'])} classes x {len(label['templates'])} templates)"
+        elif name.endswith("#vprompt.tokens"):
+            out[param] = f"visual prompt ({len(t)} tokens after the class token)"
+        elif param == f"{VISUAL}{PAD}.pixels":
+            out[param] = "visual prompt (learned image border)"
+    return out
 
 
 def text_bytes(text: str) -> torch.Tensor:
@@ -175,28 +251,46 @@ EXPORT_FILE = "vepatch_prompts.safetensors"  # beside an exported bundle's weigh
 
 def export_bytes(model: nn.Module) -> Optional[bytes]:
     """The learned prompt vectors of `model` (None when it has none): per slot its context and
-    its prefix's token ids; the prefixes' text in the metadata."""
+    its prefix's token ids, the prefixes' text in the metadata; and the tower's active visual
+    prompts (DCAR) as `visual.<set>.<tensor>`."""
     from safetensors.torch import save
+
+    from . import visual_prompts
 
     found = bank(model)
     slots = {k: s for k, s in found.slots.items() if s.changed()} if found is not None else {}
-    if not slots:
+    tensors = {f"visual.{k}": v for k, v in visual_prompts.export_state(model.visual).items()}
+    weights = {k: e for k, e in found.weights.items() if e.changed()} if found is not None else {}
+    if not slots and not tensors and not weights:
         return None
-    tensors = {}
+    for k, e in weights.items():
+        tensors[f"weights.{k}.w"] = e.w.detach().float().cpu().contiguous()
     for k, s in slots.items():
         tensors[f"{k}.context"] = s.value().detach().float().cpu().contiguous()
         tensors[f"{k}.ids"] = s.ids.detach().cpu().long().contiguous()
-    return save(tensors, metadata={"format": "vepatch-prompts/1", **{k: s.text for k, s in slots.items()}})
+    return save(tensors, metadata={"format": "vepatch-prompts/1", **{k: s.text for k, s in slots.items()},
+                                   **{f"weights.{k}": e.label() for k, e in weights.items()}})
 
 
 def install(model: nn.Module, path) -> None:
     """Give an open_clip model (loaded from an exported bundle) the learned prompt vectors saved
     beside it: `install(model, "DIR/vepatch_prompts.safetensors")`."""
+    import json
+
     from safetensors import safe_open
+
+    from . import visual_prompts
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        for key in sorted({name.rsplit(".", 1)[0] for name in f.keys()}):
+        names = list(f.keys())
+        visual_prompts.install(model.visual, {n[len("visual."):]: f.get_tensor(n) for n in names if n.startswith("visual.")})
+        for name in (n for n in names if n.startswith("weights.")):
+            label = json.loads(meta[name.rsplit(".", 1)[0]])
+            _, entry = ensure_weights(model, label["classes"], label["templates"])
+            with torch.no_grad():
+                entry.w.copy_(f.get_tensor(name).to(entry.w))
+        for key in sorted({name.rsplit(".", 1)[0] for name in names if not name.startswith(("visual.", "weights."))}):
             _, slot = ensure_slot(model, f.get_tensor(f"{key}.ids"), meta.get(key, ""))
             with torch.no_grad():
                 slot.context.copy_(f.get_tensor(f"{key}.context").to(slot.context))

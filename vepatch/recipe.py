@@ -44,8 +44,10 @@ class GuardSuite(DataSpec):
     optional: bool = False  # a missing folder is skipped with a note instead of an error
     # 'classification': <class>/ folders, accuracy; 'retrieval': images with same-named .txt
     # captions (or a saved dataset with an image and a text column), judged by image->text and
-    # text->image Recall@1/5, each against max_drop_pp (README "Retrieval guard suites")
-    kind: Literal["classification", "retrieval"] = "classification"
+    # text->image Recall@1/5, each against max_drop_pp (README "Retrieval guard suites");
+    # 'captioning': the same formats, judged by each image's caption likelihood under the
+    # model's text decoder (open_clip CoCa models only; README "Captioning guard suites")
+    kind: Literal["classification", "retrieval", "captioning"] = "classification"
 
     @property
     def label(self) -> str:
@@ -69,12 +71,16 @@ class ApplySpec:
     holdout_per_class: int = ranged(0, lo=0)  # target holdout images per class; 0 = every pool image not used for shots
     epochs: int = ranged(30, lo=1)  # passes over the shots
     batch_size: int = ranged(16, lo=1)  # images per optimizer step
-    lr: float = ranged(0.0, lo=0)  # Adam learning rate (cosine decay to lr/10, per step); 0 = the method's own (Method.lr)
+    lr: float = ranged(0.0, lo=0)  # Adam learning rate (cosine decay to lr/10, per step); 0 = method_lr's, else the method's own (Method.lr)
+    method_lr: dict[str, float] = field(default_factory=dict)  # per method, where apply.lr is 0 (a recipe's tuned rates: recipes/textile-vit.yaml)
     rank: int = ranged(8, lo=1)  # LoRA rank r for heads, projection and the `lora` baseline
     lora_alpha: float = ranged(8.0, lo=0, lo_open=True)  # LoRA alpha (scale alpha/r)
     augment_scale: float = ranged(0.5, lo=0, hi=1, lo_open=True)  # training crops: RandomResizedCrop with this minimum area share; 1.0 = no augmentation
     train_biases: bool = False  # also train fc1 and Q/K/V biases, unmasked (LoRSU's official code does)
-    loss: Literal["ce", "contrastive"] = "ce"  # 'ce': cross-entropy over the frozen class-text head; 'contrastive': CLIP loss, random templates
+    # 'ce': cross-entropy over the frozen class-text head; 'contrastive': CLIP loss, random templates;
+    # 'cafe': 'ce' + caption_weight * the text decoder's captioning loss on the shots' class captions (CAFe; CoCa models only)
+    loss: Literal["ce", "contrastive", "cafe"] = "ce"
+    caption_weight: float = ranged(1.0, lo=0)  # apply.loss: cafe: weight of the captioning loss beside the classification loss
     l2: float = ranged(0.0, lo=0)  # weight of the L2 penalty on the delta
     # how an update keeps earlier fixes (README "Continual"): 'replay' = shots from every class
     # labelled so far; 'batch-classes' = tonight's classes, cross-entropy over the classes
@@ -90,6 +96,8 @@ class ApplySpec:
     distill_vocabulary: Literal["reference", "imagenet"] = "reference"
     wise_alpha: float = ranged(0.5, lo=0, hi=1)  # full+wise: weight of the fine-tuned model in the average (WiSE-FT's default)
     codebook: int = ranged(64, lo=2)  # ck-coop: K-means centres of the token-embedding table each learned token mixes
+    vision_prompts: int = ranged(8, lo=1)  # dcar on a ViT: learned prompt tokens after the class token
+    prompt_pad: int = ranged(16, lo=1)  # dcar on a CNN: width in pixels of the learned image border (its visual prompt)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @property
@@ -104,9 +112,10 @@ class ApplySpec:
 
     @property
     def learning_rate(self) -> float:
+        """apply.lr, else this method's entry in apply.method_lr, else the method's own default."""
         from .methods import get
 
-        return self.lr or get(self.method).lr
+        return self.lr or self.method_lr.get(self.method) or get(self.method).lr
 
 
 @dataclass(frozen=True)
@@ -172,6 +181,10 @@ def check_recipe(recipe: Recipe, where: str = "flags:") -> Recipe:
         close = difflib.get_close_matches(recipe.apply.method, list(REGISTRY), n=1)
         raise UsageError(f"{where} apply.method '{recipe.apply.method}' is not a method",
                          f"did you mean '{close[0]}'?" if close else f"use one of: {', '.join(REGISTRY)}")
+    for name, lr in recipe.apply.method_lr.items():
+        if name not in REGISTRY or not lr > 0:
+            raise UsageError(f"{where} apply.method_lr: {name}: {lr}" + (" is not a method" if name not in REGISTRY else " is not > 0"),
+                             f"use method names ({', '.join(REGISTRY)}) with learning rates above 0")
     names: dict[str, str] = {}
     for suite in recipe.guard.suites:
         if suite.label == "target-holdout" or re.fullmatch(r"v\d+-holdout", suite.label):
@@ -181,8 +194,8 @@ def check_recipe(recipe: Recipe, where: str = "flags:") -> Recipe:
             raise UsageError(f"{where} guard suites {names[suite.label]} and {suite.path} are both named '{suite.label}'",
                              "give one of them its own `name:`")
         names[suite.label] = suite.path
-        if suite.kind == "retrieval" and (suite.classes or suite.folders or suite.max_per_class):
-            raise UsageError(f"{where} guard suite '{suite.label}' is a retrieval suite: its captions are its classes",
+        if suite.kind != "classification" and (suite.classes or suite.folders or suite.max_per_class):
+            raise UsageError(f"{where} guard suite '{suite.label}' is a {suite.kind} suite: its captions are its classes",
                              "leave classes, folders and max_per_class out of it")
     return recipe
 

@@ -63,6 +63,19 @@ class RetrievalReport:
 
 
 @dataclass(frozen=True)
+class CaptioningReport:
+    """How likely a model version's text decoder finds a captioning suite's own captions."""
+
+    set_name: str
+    version: str
+    images: int
+    captions: int  # distinct captions
+    likelihood: float  # mean over images of exp(-mean token NLL) of the image's caption, in (0, 1]
+    skipped: list[SkippedFile] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
 class Confusion:
     true: str
     predicted: str
@@ -183,7 +196,7 @@ class SuiteResult:
     before: float
     after: float
     change_pp: float
-    p_value: float  # one-sided exact McNemar test (lost > gained) on the paired disagreements
+    p_value: float  # one-sided exact McNemar test (lost > gained) on the paired disagreements (a captioning row: one-sided Wilcoxon signed-rank on the per-image likelihoods)
     passed: bool
     why: str
     detectable_pp: float = 0.0  # the smallest drop this suite's size lets the test call real at guard.alpha

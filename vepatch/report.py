@@ -118,6 +118,22 @@ def gallery(kind: str, suite: SuiteEvidence, indices: np.ndarray, loader: Callab
     return f"<h3>{kind} ({len(indices)})</h3><div class=grid>{''.join(cells)}</div>{more}"
 
 
+def score_gallery(kind: str, suite: SuiteEvidence, indices: np.ndarray, loader: Callable[[int], Callable[[], object]]) -> str:
+    """A captioning suite's images whose caption likelihood rose ('fixed') or fell ('broke'),
+    the biggest change first: the caption, and its likelihood before -> after."""
+    label = {"fixed": "likelier captions", "broke": "less likely captions"}[kind]
+    if len(indices) == 0:
+        return f"<p class=muted>{label}: none</p>"
+    cells = []
+    for i in indices[:MAX_THUMBS]:
+        uri = thumbnail(loader(int(i)))
+        img = f'<img src="{uri}" alt="{escape(Path(suite.sources[i]).name)}">' if uri else "<div class=muted>(unreadable)</div>"
+        cells.append(f'<div class="cell {kind}">{img}<br>{escape(suite.classnames[suite.labels[i]])}<br>'
+                     f'{100 * suite.before[i]:.1f}% → {100 * suite.after[i]:.1f}%</div>')
+    more = f"<p class=muted>and {len(indices) - MAX_THUMBS} more</p>" if len(indices) > MAX_THUMBS else ""
+    return f"<h3>{label} ({len(indices)})</h3><div class=grid>{''.join(cells)}</div>{more}"
+
+
 def per_class(suite: SuiteEvidence) -> str:
     rows = []
     for k, name in enumerate(suite.classnames):
@@ -143,8 +159,13 @@ def suites_table(report: GuardReport, proof: Evidence) -> str:
         verdict = "" if r is None else (f"<span class={'ok' if r.passed else 'bad'}>{'ok' if r.passed else 'FAIL'}</span>: "
                                         f"{escape(r.why)}")
         detects = "-" if r is None or s.role == "target" or not r.detectable_pp else f"≥{r.detectable_pp:.1f} pp"
-        change = 100 * (np.mean(s.after == s.labels) - np.mean(s.before == s.labels)) if len(s.labels) else 0.0
-        rows.append([escape(s.name), s.role, str(len(s.labels)), pct_ci(s.before == s.labels), pct_ci(s.after == s.labels),
+        if s.scores:  # mean caption likelihoods (no binomial interval for a mean of values); fixed/broke: rose/fell
+            before, after = f"{100 * np.mean(s.before):.1f}%", f"{100 * np.mean(s.after):.1f}%"
+            change = 100 * (np.mean(s.after) - np.mean(s.before)) if len(s.labels) else 0.0
+        else:
+            before, after = pct_ci(s.before == s.labels), pct_ci(s.after == s.labels)
+            change = 100 * (np.mean(s.after == s.labels) - np.mean(s.before == s.labels)) if len(s.labels) else 0.0
+        rows.append([escape(s.name), s.role, str(len(s.labels)), before, after,
                      f"{change:+.1f} pp", str(len(s.fixed)), str(len(s.broke)),
                      "-" if r is None else f"{r.p_value:.3f}", detects, verdict])
     return table(["suite", "role", "n", "before [95% CI]", "after [95% CI]", "change", "fixed", "broke", "p", "detects",
@@ -207,8 +228,11 @@ def verdict_page(root: Path, manifest: PatchManifest, report: GuardReport, proof
              "<h2>strengths tried</h2>", strengths_table(report)]
     for s in proof.suites:
         loader = image_loader(root, s)
-        parts += [f"<h2>{escape(s.name)} ({s.role}): what changed, image by image</h2>", per_class(s),
-                  gallery("fixed", s, s.fixed, loader), gallery("broke", s, s.broke, loader)]
+        parts.append(f"<h2>{escape(s.name)} ({s.role}): what changed, image by image</h2>")
+        if s.scores:  # per image, not per class: its caption's likelihood before -> after
+            parts += [score_gallery("fixed", s, s.fixed, loader), score_gallery("broke", s, s.broke, loader)]
+        else:
+            parts += [per_class(s), gallery("fixed", s, s.fixed, loader), gallery("broke", s, s.broke, loader)]
     parts.append("<h2>what the patch touches</h2>" + touches(manifest))
     parts.append("<h2>diagnosis</h2>" + (diagnosis_section(diagnosis) if diagnosis else
                                         "<p class=muted>none: the masks were scored on the training shots</p>"))

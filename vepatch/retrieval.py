@@ -14,6 +14,8 @@ A row's `Predictions` keep one entry per query (labels: the query's caption; pre
 caption on a hit, else the caption of the best-ranked result), so `correct` is the hit
 vector and the guard's paired test and bar apply to each direction and K as to any suite
 (DCAR's lesson: prompt methods gained image->text and lost text->image).
+
+Captioning suites (captioning.py) read the same two formats with the same reader.
 """
 
 from __future__ import annotations
@@ -61,13 +63,14 @@ def is_caption_folder(root: Path) -> bool:
     return any(f.suffix.lower() in IMAGE_SUFFIXES and f.with_suffix(".txt").is_file() for f in root.rglob("*"))
 
 
-def open_caption_set(root: Path, name: str = "") -> ImageSet:
-    """The images of a caption folder or saved dataset, labelled by their caption."""
+def open_caption_set(root: Path, name: str = "", kind: str = "retrieval") -> ImageSet:
+    """The images of a caption folder or saved dataset, labelled by their caption (`kind`: the
+    suite they are for: a retrieval suite needs two different captions, a captioning one one)."""
     name = name or root.name
     if not root.is_dir():
         raise DataError(f"{root}: not a folder", "give a folder of images with same-named .txt captions (a.jpg + a.txt)")
     if any((root / m).is_file() for m in DATASET_MARKERS):
-        return _open_saved_captions(root, name)
+        return _open_saved_captions(root, name, kind)
     captions: dict[str, int] = {}
     samples, skipped = [], []
     root_real = root.resolve()
@@ -80,7 +83,7 @@ def open_caption_set(root: Path, name: str = "") -> ImageSet:
             skipped.append(SkippedFile(str(f), why))
             continue
         samples.append(Sample(str(f), captions.setdefault(caption, len(captions))))
-    return _checked(ImageSet(name, str(root), list(captions), samples, skipped), root)
+    return _checked(ImageSet(name, str(root), list(captions), samples, skipped), root, kind)
 
 
 def _first_line(path: Path) -> str:
@@ -90,7 +93,7 @@ def _first_line(path: Path) -> str:
         return ""
 
 
-def _open_saved_captions(root: Path, name: str) -> ImageSet:
+def _open_saved_captions(root: Path, name: str, kind: str) -> ImageSet:
     import datasets
 
     try:
@@ -103,7 +106,7 @@ def _open_saved_captions(root: Path, name: str) -> ImageSet:
     strings = [k for k, f in ds.features.items() if isinstance(f, datasets.Value) and f.dtype in ("string", "large_string")]
     text_col = next((c for c in TEXT_COLUMNS if c in strings), strings[0] if strings else None)
     if image_col is None or text_col is None:
-        raise DataError(f"{root}: a retrieval suite needs an Image column and a text column",
+        raise DataError(f"{root}: a {kind} suite needs an Image column and a text column",
                         f"add a string column named one of: {', '.join(TEXT_COLUMNS)}")
     captions: dict[str, int] = {}
     samples = []
@@ -111,11 +114,13 @@ def _open_saved_captions(root: Path, name: str) -> ImageSet:
         text = (text or "").strip()
         if text:
             samples.append(Sample(f"{root}#{i}", captions.setdefault(text, len(captions))))
-    return _checked(ImageSet(name, str(root), list(captions), samples, [], ds, image_col), root)
+    return _checked(ImageSet(name, str(root), list(captions), samples, [], ds, image_col), root, kind)
 
 
-def _checked(images: ImageSet, root: Path) -> ImageSet:
-    if len(images.classnames) < 2:
+def _checked(images: ImageSet, root: Path, kind: str) -> ImageSet:
+    if kind == "captioning" and not len(images):
+        raise DataError(f"{root}: no captioned image", "a captioning suite needs images with same-named .txt captions (a.jpg + a.txt)")
+    if kind != "captioning" and len(images.classnames) < 2:
         raise DataError(f"{root}: {len(images)} captioned image(s) with {len(images.classnames)} distinct caption(s)",
                         "a retrieval suite needs images with at least two different captions (a.jpg + a.txt)")
     return images

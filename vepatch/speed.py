@@ -219,6 +219,7 @@ def time_guard(ctx, candidate_id: Optional[str]) -> GuardTiming:
 
     from . import store
     from .guard import guard_suites, search_strengths
+    from .runtime.passes import outputs
     from .runtime.predcache import PredictionCache
 
     manifest, delta = store.read_candidate(ctx.workspace, candidate_id or store.newest_candidate(ctx.workspace))
@@ -238,8 +239,8 @@ def time_guard(ctx, candidate_id: Optional[str]) -> GuardTiming:
         warm, warm_s = timed(cache=cache)
 
     def same(a, b) -> bool:
-        return a[0] == b[0] and all(np.array_equal(a[1][k][n].preds, b[1][k][n].preds) for k in a[1] for n in a[1][k]) \
-            and all(np.array_equal(a[2][n].preds, b[2][n].preds) for n in a[2])
+        return a[0] == b[0] and all(np.array_equal(outputs(a[1][k][n]), outputs(b[1][k][n])) for k in a[1] for n in a[1][k]) \
+            and all(np.array_equal(outputs(a[2][n]), outputs(b[2][n])) for n in a[2])
 
     return GuardTiming(manifest.candidate_id, sum(len(s.images) for s in suites), 1 + len(spec.strengths),
                        describe_tower(parent.model).entry_for(delta.params), plain_s, cold_s, warm_s,

@@ -22,6 +22,7 @@ from .fsio import fsync_dir, write_bytes_atomic, write_text_atomic
 from .models import LoadedModel
 from .models.load import model_fingerprint
 from .prompts import detach as detach_prompts
+from .visual_prompts import load_pristine
 from .records import GuardReport, PatchManifest, VersionSummary, read_record, to_json
 from .workspace import CANDIDATE_FILE, DELTA_FILE, EVIDENCE_FILE, GUARD_FILE, MANIFEST_FILE, PATCH_FILE, Workspace
 
@@ -258,7 +259,7 @@ def bad_versions(ws: Workspace, base: LoadedModel) -> dict[str, str]:
     for v in versions(ws):
         folder = version_dir(ws, v)
         try:
-            base.model.visual.load_state_dict(pristine)
+            load_pristine(base.model.visual, pristine)
             detach_prompts(base.model)
             base.fingerprint = model_fingerprint(base.model)
             manifest = read_manifest(ws, v)
@@ -269,7 +270,7 @@ def bad_versions(ws: Workspace, base: LoadedModel) -> dict[str, str]:
             read_record(GuardReport, folder / GUARD_FILE)
         except Exception as exc:
             bad[v] = str(exc)
-    base.model.visual.load_state_dict(pristine)
+    load_pristine(base.model.visual, pristine)
     detach_prompts(base.model)
     base.fingerprint = model_fingerprint(base.model)
     return bad

@@ -111,6 +111,12 @@ def measure_head(ctx: Context, name: str, status: str, cycle_id: str, cycles: di
         if spec.kind == "retrieval":  # one row per direction and K, as the guard judges them
             guards.update(retrieval_recalls(loaded, images, bs, ctx.device))
             continue
+        if spec.kind == "captioning":  # as the guard's row; not through the cache (guard.keep_predictions says why)
+            from .captioning import mean_likelihood, require_suite_model, row_name
+
+            require_suite_model(loaded, spec.label)
+            guards[row_name(images.name)] = mean_likelihood(loaded, images, bs, ctx.device)
+            continue
         guards[images.name] = accuracy(images, spec.templates)
     size = sum(store.read_manifest(ws, v).patch_bytes for v in chain)
     return StreamRound(name, status, version, cycle_id, rounds, targets, guards, size)

@@ -18,6 +18,8 @@ def bench(
     methods: Annotated[str, typer.Option("--methods", help=f"Comma-separated methods to compare, or 'all' ({', '.join(method_names())}).")] = "all",
     shots: Annotated[Optional[int], typer.Option("--shots", help="Training images per class.")] = None,
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds 0..N-1 (each seed: its own shots and holdout).")] = 3,
+    first_seed: Annotated[int, typer.Option("--first-seed", help="Start the seeds here (a tuning split: e.g. 100, never the reported 0..N-1).")] = 0,
+    lrs: Annotated[Optional[str], typer.Option("--lrs", help="Comma-separated learning rates: every method at each (a sweep; rows 'method lr=X').")] = None,
     stream: Annotated[Optional[Path], typer.Option("--stream", help="Instead: drive each method through the rounds of STREAM/<round>/ (LoRSU's protocol).")] = None,
     retain: Annotated[Optional[str], typer.Option("--retain", help="With --stream: comma-separated apply.retain settings to compare (default: the recipe's).")] = None,
     base_new: Annotated[bool, typer.Option("--base-new", help="Instead: train on the first half of the classes only, report base, new and H (CoOp's protocol).")] = False,
@@ -34,6 +36,7 @@ def bench(
     """
     from .. import context
     from ..bench import markdown, run_bench, summarize, write_bench
+    from ..errors import UsageError
     from ..methods import get
 
     chosen = method_names() if methods == "all" else [get(m.strip()).name for m in methods.split(",") if m.strip()]
@@ -54,7 +57,7 @@ def bench(
         from ..basenew import bench_base_new
 
         with progress_bar("bench") as advance:
-            folder, result, table = bench_base_new(ctx, chosen, list(range(seeds)), shots or ctx.recipe.apply.shots,
+            folder, result, table = bench_base_new(ctx, chosen, list(range(first_seed, first_seed + seeds)), shots or ctx.recipe.apply.shots,
                                                    ["--device", ctx.device], advance)
         if as_json:
             emit_json({**result, "folder": str(folder)})
@@ -62,9 +65,15 @@ def bench(
             out.print(table)
             out.print(f"written: {folder}")
         return
+    try:
+        rates = [float(x) for x in lrs.split(",") if x.strip()] if lrs else None
+    except ValueError:
+        rates = [0.0]
+    if rates is not None and not (rates and all(r > 0 for r in rates)):
+        raise UsageError(f"--lrs {lrs}: learning rates must be above 0", "e.g. --lrs 1e-5,1e-4,1e-3")
     with progress_bar("bench") as advance:
-        runs = run_bench(ctx, chosen, list(range(seeds)), shots or ctx.recipe.apply.shots,
-                         ["--device", ctx.device], advance)
+        runs = run_bench(ctx, chosen, list(range(first_seed, first_seed + seeds)), shots or ctx.recipe.apply.shots,
+                         ["--device", ctx.device], advance, rates)
     folder, result = write_bench(ctx, runs, chosen, seeds)
     if as_json:
         emit_json({**result, "folder": str(folder)})

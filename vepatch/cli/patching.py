@@ -65,7 +65,7 @@ def apply(
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the shots.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for shots, masks and training.")] = None,
-    loss: Annotated[Optional[str], typer.Option("--loss", help="'ce' (frozen text head) or 'contrastive'.")] = None,
+    loss: Annotated[Optional[str], typer.Option("--loss", help="'ce' (frozen text head), 'contrastive', or 'cafe' (ce + a CoCa's captioning loss).")] = None,
     from_dir: Annotated[Optional[Path], typer.Option("--from", help="Labelled folder (e.g. errors/) to take the shots and holdout from, instead of the shot pool.")] = None,
     origin: Annotated[str, typer.Option("--origin", hidden=True, help="'bench' marks a bench run's candidate (never judged implicitly).")] = "apply",
     workspace: WorkspaceOpt = None,

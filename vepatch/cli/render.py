@@ -7,7 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .._typed import to_plain
-from ..records import Diagnosis, EvalReport, RetrievalReport
+from ..records import CaptioningReport, Diagnosis, EvalReport, RetrievalReport
 
 
 def titled(title: str, **kwargs) -> Table:
@@ -43,6 +43,15 @@ def retrieval_table(report: RetrievalReport) -> Table:
     for direction, label in (("i→t", "image → text"), ("t→i", "text → image")):
         cells = [report.recall.get(f"{direction} R@{k}") for k in (1, 5)]
         table.add_row(label, *[pct(c) if c is not None else "—" for c in cells])
+    return table
+
+
+def captioning_table(report: CaptioningReport) -> Table:
+    table = titled(f"{report.set_name} — {report.version}: captions of {report.images} images "
+                   f"({report.captions} distinct)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("caption likelihood (mean of exp(-mean token NLL))", pct(report.likelihood))
     return table
 
 
@@ -107,8 +116,8 @@ def guard_tables(report) -> list:
     label = "chosen" if report.accepted else "best try"
     t = titled(f"λ {shown.strength:g} ({label}): mean guard change {shown.mean_guard_change_pp:+.2f} pp",
               box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for col in ("suite", "n", "before", "after", "change", "p", "detects", ""):
-        t.add_column(col, justify="left" if col in ("suite", "") else "right", no_wrap=True)
+    for col in ("suite", "n", "before", "after", "change", "p", "detects", ""):  # a long suite name wraps, the verdict never
+        t.add_column(col, justify="left" if col in ("suite", "") else "right", no_wrap=col != "suite")
     for s in shown.suites:
         detects = "-" if s.role == "target" or not s.detectable_pp else f"≥{s.detectable_pp:.1f}"
         name = s.name + (" (target)" if s.role == "target" and s.name != "target-holdout" else "")
@@ -155,12 +164,12 @@ def log_table(rows, head: str) -> Table:
 
 
 def show_tables(manifest, report, prompts: dict[str, str] | None = None) -> list[Table]:
-    """`prompts`: a prompt patch's slot parameters -> the prefix each learns (prompts.describe)."""
+    """`prompts`: a prompt patch's parameters -> what each is, in words (prompts.describe)."""
     t = titled(f"{manifest.version or manifest.candidate_id}: {manifest.method} on {manifest.parent}")
     t.add_column("parameter")
     t.add_column("trainable", justify="right")
     for name, count in manifest.masks.items():
-        label = f'prompt "{prompts[name]}" (learned vectors)' if prompts and name in prompts else name.removeprefix("visual.")
+        label = prompts[name] if prompts and name in prompts else name.removeprefix("visual.")
         t.add_row(escape(label), f"{count:,}")
     info = titled("facts")
     info.add_column("what")

@@ -37,7 +37,8 @@ def init(
 @command(name="eval", sharded=True)
 def eval_(
     data: Annotated[Path, typer.Argument(help="Labelled set: <class>/ image folders or a saved `datasets` folder; "
-                                              "or images with same-named .txt captions (retrieval).")],
+                                              "or images with same-named .txt captions (retrieval; a recipe's "
+                                              "captioning suite: caption likelihood).")],
     version: Annotated[Optional[str], typer.Option("--version", help="base, vN, or a candidate id (default: current).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Model reference outside a workspace (default: 'default').")] = None,
     template: Annotated[Optional[list[str]], typer.Option("--template", help="Prompt template ('{}' = class); repeatable.")] = None,
@@ -49,25 +50,31 @@ def eval_(
     as_json: JsonOpt = False,
 ):
     """Accuracy, per-class recall and confusion matrix of a model version on a labelled set;
-    on a retrieval set (images with same-named .txt captions), Recall@1/5 both ways.
+    on a retrieval set (images with same-named .txt captions), Recall@1/5 both ways; on a
+    captioning suite of the recipe, the mean likelihood of its captions (CoCa models).
 
     Example: vepatch eval ../shared/data/imagenette-guard --json
     """
     from .. import context
-    from ..evaluate import evaluate_retrieval, evaluate_set, retrieval_set
-    from .render import confusion_table, eval_table, retrieval_table
+    from ..evaluate import captioning_set, evaluate_captioning, evaluate_retrieval, evaluate_set, retrieval_set
+    from .render import captioning_table, confusion_table, eval_table, retrieval_table
 
     ctx = context.open_context(workspace, model=model, device=device, online=online, required=False)
-    captioned = retrieval_set(ctx, data)
+    captioning = captioning_set(ctx, data)
+    captioned = captioning if captioning is not None else retrieval_set(ctx, data)
     with progress_bar():
-        if captioned is not None:
+        if captioning is not None:
+            result = evaluate_captioning(ctx, captioning, version=version, batch_size=batch_size)
+        elif captioned is not None:
             result = evaluate_retrieval(ctx, captioned, version=version, batch_size=batch_size)
         else:
             result = evaluate_set(ctx, data, version=version, templates=template, batch_size=batch_size)
     if as_json:
         emit_json(result)
         return
-    if captioned is not None:
+    if captioning is not None:
+        out.print(captioning_table(result))
+    elif captioned is not None:
         out.print(retrieval_table(result))
     else:
         out.print(eval_table(result))

@@ -9,6 +9,7 @@
   ln.py            norm layers only
   coop.py          prompt vectors before the class name (text side; both towers frozen)
   ck_coop.py       the same, as mixes of the token table's K-means centres + a Kronecker term
+  dcar.py          dual prompts (text prefix + a visual prompt), category-attribute reweighting
 
 Shared parts: trainable.py (masked dense update, row-masked low-rank change), train.py (the
 flat loop and its one step), prompting.py (the prompt methods' loop and changes). This table is the one list of methods: the CLI help, the recipe
@@ -17,11 +18,11 @@ check and the bench read it. Adding a method = one file plus one line below."""
 from __future__ import annotations
 
 from ..errors import UsageError
-from . import ck_coop, coop, full, full_wise, ln, lora, lorsu, lorsu_fc1, lorsu_heads, lorsu_random, spu
+from . import ck_coop, coop, dcar, full, full_wise, ln, lora, lorsu, lorsu_fc1, lorsu_heads, lorsu_random, spu
 from .method import Method
 
 REGISTRY: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (
-    lorsu, lorsu_random, lorsu_fc1, lorsu_heads, spu, lora, full, full_wise, ln, coop, ck_coop,
+    lorsu, lorsu_random, lorsu_fc1, lorsu_heads, spu, lora, full, full_wise, ln, coop, ck_coop, dcar,
 )}
 
 

@@ -4,11 +4,13 @@ from .method import Method
 
 
 def build(visual, tower, masks, spec):
+    from ..visual_prompts import BANK
     from .trainable import Trainable
 
     t = Trainable.frozen(visual)
     for name, _ in visual.named_parameters():
-        t.add_masked(f"visual.{name}", None)
+        if not name.startswith(BANK + "."):  # a parent's visual prompt is a patch of its own, not a weight
+            t.add_masked(f"visual.{name}", None)
     return t
 
 

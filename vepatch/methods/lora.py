@@ -29,10 +29,15 @@ def lora_targets(visual) -> list[str]:
     return out
 
 
-def attention_modules(visual) -> list[str]:
+def attention_modules(visual, fused: bool = False) -> list[str]:
+    """Every nn.MultiheadAttention of the tower (`fused`: those with one fused Q/K/V weight).
+    A CoCa's attentional pooler has separate q/k/v weights (its keys come from the wider
+    tower): neither this parametrization of `in_proj_weight` nor peft's attention LoRA covers
+    those, so `lora` leaves the pooler's attention as it is."""
     from torch import nn
 
-    return [n for n, m in visual.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    return [n for n, m in visual.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and (m._qkv_same_embed_dim or not fused)]
 
 
 def build(visual, tower, masks, spec):
@@ -51,7 +56,7 @@ def build(visual, tower, masks, spec):
     wrapped = {name: visual.get_submodule(name) for name in targets}
     for name, module in wrapped.items():
         t.summary[f"visual.{name}.weight"] = module.lora_A["default"].weight.numel() + module.lora_B["default"].weight.numel()
-    for name in attention_modules(visual):
+    for name in attention_modules(visual, fused=True):
         t.add_lowrank(f"visual.{name}.in_proj_weight", spec.rank, spec.lora_alpha)
 
     def extract() -> Delta:

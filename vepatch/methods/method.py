@@ -35,6 +35,8 @@ class Method:
     # a prompt method (both towers frozen): prompt(tokens, width, spec, loaded) -> the module
     # whose output is the change to one prefix's learned vectors (prompting.py trains it)
     prompt: Optional[Callable[[int, int, "ApplySpec", "LoadedModel"], "nn.Module"]] = None
+    vision_prompt: bool = False  # a prompt method that also learns a visual prompt (DCAR's dual prompts)
+    reweight: bool = False  # DCAR's category-attribute reweighting (methods/dcar.py)
 
     @property
     def needs_masks(self) -> bool:

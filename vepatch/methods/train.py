@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..captioning import CaptionTarget, split_output
 from ..data import ImageSet
 from ..evaluate import loader
 from ..losses import batch_classes_ce_loss, ce_loss, contrastive_loss, distill_loss
@@ -27,11 +28,12 @@ class Objective:
     scale: torch.Tensor  # the model's logit scale
     prompts: Optional[torch.Tensor] = None  # (classes, templates, dim), for the contrastive loss
     reference: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # (images, parent logits, head): distillation
+    captions: Optional[CaptionTarget] = None  # the class captions and the CoCa's frozen decoder: apply.loss cafe
 
     def to(self, device: str) -> "Objective":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         ref = None if self.reference is None else (self.reference[0], self.reference[1].to(device), self.reference[2].to(device))
-        return Objective(self.head.to(device), self.scale.to(device), move(self.prompts), ref)
+        return Objective(self.head.to(device), self.scale.to(device), move(self.prompts), ref, move(self.captions))
 
 
 def lr_at(step: int, total: int, base: float) -> float:
@@ -42,24 +44,27 @@ def lr_at(step: int, total: int, base: float) -> float:
 
 def train_step(trainable: Trainable, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                objective: Objective, spec: ApplySpec, autocast, generator: torch.Generator) -> torch.Tensor:
-    """One optimizer step on one batch: loss (+ L2 on the delta, + distillation), backward,
-    step, then the masks are enforced. Returns the loss."""
+    """One optimizer step on one batch: loss (+ the captioning loss, + L2 on the delta, +
+    distillation), backward, step, then the masks are enforced. Returns the loss."""
     device = images.device
-    with autocast:
-        features = trainable.visual(images)
+    with autocast:  # a CoCa's tower also returns its image tokens: what its decoder reads
+        features, tokens = split_output(trainable.visual(images))
     if spec.loss == "contrastive":
         loss = contrastive_loss(features, objective.prompts, objective.scale, labels, generator)
     elif spec.retain == "batch-classes":
         loss = batch_classes_ce_loss(features, objective.head, objective.scale, labels)
     else:
         loss = ce_loss(features, objective.head, objective.scale, labels)
+    if spec.loss == "cafe":  # CAFe: the decoder must still caption from the patched tower's tokens
+        with autocast:
+            loss = loss + spec.caption_weight * objective.captions.loss(tokens, labels, generator)
     if spec.l2:
         loss = loss + spec.l2 * trainable.l2()
     if objective.reference is not None:  # apply.retain: distill
         ref_images, ref_logits, ref_head = objective.reference
         pick = torch.randint(len(ref_images), (min(spec.batch_size, len(ref_images)),), generator=generator)
         with autocast:
-            ref_features = trainable.visual(ref_images[pick].to(device))
+            ref_features, _ = split_output(trainable.visual(ref_images[pick].to(device)))
         loss = loss + spec.distill * distill_loss(ref_features, ref_logits[pick.to(ref_logits.device)], ref_head, objective.scale)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -30,14 +30,23 @@ def text_head(loaded: LoadedModel, classnames: Sequence[str], templates: Sequenc
 
 
 def compute_text_head(loaded: LoadedModel, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """open_clip's zero-shot classifier (templates averaged), or, where a DCAR patch learned
+    description weights for exactly these classes and templates, their weighted mix."""
     from open_clip import build_zero_shot_classifier
 
+    from ..prompts import description_weights
+
     device = next(loaded.model.parameters()).device
+    templates = normalize_templates(templates)
+    weights = description_weights(loaded.model, list(classnames), templates)
     with torch.no_grad():
-        weights = build_zero_shot_classifier(
-            loaded.model, loaded.tokenizer, list(classnames), normalize_templates(templates), device=device
-        )
-    return weights.T.contiguous().float().cpu()
+        if weights is None:
+            head = build_zero_shot_classifier(loaded.model, loaded.tokenizer, list(classnames), templates, device=device).T
+        else:
+            per_template = torch.stack([build_zero_shot_classifier(loaded.model, loaded.tokenizer, list(classnames), [t],
+                                                                   device=device).T for t in templates], dim=1)
+            head = torch.nn.functional.normalize((weights.to(per_template).unsqueeze(-1) * per_template).sum(1), dim=-1)
+    return head.contiguous().float().cpu()
 
 
 def _head_key(*parts) -> str:

@@ -96,8 +96,12 @@ def _load_named(name: str, pretrained: str):
 
 
 def fingerprint(visual: nn.Module) -> str:
-    """sha256 over the vision tower's tensors (parameters and buffers), by name."""
-    return _hash_tensors(visual.state_dict())
+    """sha256 over the vision tower's tensors (parameters and buffers), by name; visual prompt
+    sets at rest are left out (they change nothing: visual_prompts.py)."""
+    from ..visual_prompts import resting_names
+
+    resting = resting_names(visual)
+    return _hash_tensors({k: v for k, v in visual.state_dict().items() if k not in resting})
 
 
 def model_fingerprint(model: nn.Module) -> str:

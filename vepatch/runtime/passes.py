@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -47,6 +47,29 @@ class Predictions:
     @property
     def accuracy(self) -> float:
         return float(self.correct.mean()) if len(self.labels) else 0.0
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-example numbers in (0, 1], higher = better, where a suite measures more than right
+    or wrong (a captioning suite: each image's caption likelihood, captioning.py). `accuracy` is
+    their mean, so a guard row, its change in pp and the mean guard change read it as they read
+    an accuracy; the paired test is another (captioning.drop_p)."""
+
+    labels: np.ndarray  # (n,) what each example is about (a captioning suite: its caption's index)
+    values: np.ndarray  # (n,) float64
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.values.mean()) if len(self.values) else 0.0
+
+
+Measured = Union[Predictions, Scores]  # what a guard pass gives per suite
+
+
+def outputs(measured: Measured) -> np.ndarray:
+    """What each example came out as: its predicted class, or its score."""
+    return measured.values if isinstance(measured, Scores) else measured.preds
 
 
 class _Stop(Exception):
@@ -114,36 +137,45 @@ class SuiteInputs:
         with autocast(device):
             return run_from(model, self.entry, x, self.stand_in.to(device))
 
+    def tower_output(self, model, b: int, device: str):
+        """What the vision tower itself returns for batch b (a CoCa's: pooled features and the
+        image tokens its decoder reads), under the model's current weights."""
+        if self.entry == FEATURES:
+            raise ValueError("kept features hold no tower output: read the suite from another entry")
+        x = self._entry_input(model, b, device)
+        with autocast(device):
+            return run_from(model, self.entry, x, self.stand_in.to(device), tower=True)
+
     def predict(self, model, head: torch.Tensor, device: str) -> Predictions:
         """Predicted class per example (argmax of normalized features @ head.T)."""
         head = head.to(device)
-        parts = self._per_batch(model, device, lambda f: (f @ head.T).argmax(1).cpu().numpy())
+        parts = self.per_batch(model, device, lambda b: (self.features(model, b, device).float() @ head.T).argmax(1).cpu().numpy())
         preds = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return Predictions(self.labels, preds.astype(np.int64))
 
     def embed(self, model, device: str) -> torch.Tensor:
         """(n, dim) normalized image features, float32 on the CPU (what retrieval ranks)."""
-        parts = self._per_batch(model, device, lambda f: f.cpu())
+        parts = self.per_batch(model, device, lambda b: self.features(model, b, device).float().cpu())
         return torch.cat(parts) if parts else torch.zeros(0, 0)
 
-    def _per_batch(self, model, device: str, keep) -> list:
-        """`keep(features)` of every batch in order, gathered from every rank; on CUDA out of
-        memory, the batches are halved and the pass starts again."""
+    def per_batch(self, model, device: str, one: Callable[[int], Any]) -> list:
+        """`one(b)` of every batch b in order (in inference mode), gathered from every rank; on
+        CUDA out of memory, the batches are halved and the pass starts again."""
         from .oom import retry_on_oom
 
         def attempt(batch_size: int) -> list:
             if batch_size != self.batch_size:
                 self._batch(batch_size)
-            return self._run(model, device, keep)
+            return self._run(model, device, one)
 
         return retry_on_oom(attempt, self.batch_size, f"evaluating {self.images.name}")
 
     @torch.inference_mode()
-    def _run(self, model, device: str, keep) -> list:
+    def _run(self, model, device: str, one: Callable[[int], Any]) -> list:
         model = model.to(device).eval()
         local = {}
         for b in distributed.my_share(len(self.bounds)):
-            local[b] = keep(self.features(model, b, device).float())
+            local[b] = one(b)
             progress.advance((self.bounds[b][1] - self.bounds[b][0]) * distributed.world_size())  # every rank does the same share
         gathered = distributed.gather_dict(local)
         return [gathered[b] for b in range(len(self.bounds))]
@@ -175,10 +207,12 @@ def capture(model, entry: str, x: torch.Tensor) -> torch.Tensor:
     return seen[0]
 
 
-def run_from(model, entry: str, x: torch.Tensor, stand_in: torch.Tensor) -> torch.Tensor:
-    """Normalized image features, given `x` = the input of `entry` ('' = the images)."""
+def run_from(model, entry: str, x: torch.Tensor, stand_in: torch.Tensor, tower: bool = False):
+    """Normalized image features (`tower`: what the vision tower returns), given `x` = the
+    input of `entry` ('' = the images)."""
+    forward = model.visual if tower else (lambda images: model.encode_image(images, normalize=True))
     if not entry:
-        return model.encode_image(x, normalize=True)
+        return forward(x)
     if entry == FEATURES:
         return x
 
@@ -190,6 +224,6 @@ def run_from(model, entry: str, x: torch.Tensor, stand_in: torch.Tensor) -> torc
 
     handle = model.get_submodule(entry).register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        return model.encode_image(stand_in, normalize=True)
+        return forward(stand_in)
     finally:
         handle.remove()
