@@ -103,16 +103,6 @@ def coca(tmp_path_factory):
     return write_coca(folder / "fitted", cfg, m.eval().state_dict())
 
 
-def caption_folder(src, out, template=TEMPLATES[0]):
-    """A labelled folder's images, flat, each with its class caption beside it."""
-    out.mkdir(parents=True)
-    for d in sorted(p for p in src.iterdir() if p.is_dir()):
-        for f in sorted(d.iterdir()):
-            shutil.copy(f, out / f"{d.name}-{f.name}")
-            (out / f"{d.name}-{f.stem}.txt").write_text(template.format(d.name.replace("_", " ")) + "\n")
-    return out
-
-
 def _workspace(ref, tmp_path, apply=None, bar=1.0, **guard):
     """A workspace on `ref` with a classification suite (colours) and a captioning suite
     (captions), both held to `bar` pp."""
@@ -121,7 +111,7 @@ def _workspace(ref, tmp_path, apply=None, bar=1.0, **guard):
 
     pool = tiny.make_folder(tmp_path / "pool", 8, seed=5)
     colours = tiny.make_folder(tmp_path / "colours", 6, seed=9)
-    captions = caption_folder(tiny.make_folder(tmp_path / "capsrc", 4, seed=11), tmp_path / "captions")
+    captions = tiny.caption_folder(tiny.make_folder(tmp_path / "capsrc", 4, seed=11), tmp_path / "captions")
     suites = [GuardSuite(path=str(colours), name="colours", max_drop_pp=bar),
               GuardSuite(path=str(captions), name="captions", kind="captioning", max_drop_pp=bar)]
     recipe = Recipe(model=ModelSpec(ref=ref), classes=list(tiny.CLASSES), templates=list(TEMPLATES),
@@ -407,7 +397,7 @@ def test_a_saved_dataset_is_the_same_captioning_suite(coca, tmp_path):
     from vepatch.retrieval import open_caption_set
     from vepatch.runtime.passes import SuiteInputs
 
-    folder = caption_folder(tiny.make_folder(tmp_path / "src", 2, seed=4), tmp_path / "caps")
+    folder = tiny.caption_folder(tiny.make_folder(tmp_path / "src", 2, seed=4), tmp_path / "caps")
     files = sorted(folder.glob("*.png"))
     rows = {"image": [Image.open(f).convert("RGB") for f in files],
             "caption": [f.with_suffix(".txt").read_text().strip() for f in files]}

@@ -18,18 +18,8 @@ from vepatch.retrieval import Row, open_caption_set, query_sources, row_predicti
 runner = CliRunner()
 
 
-def caption_folder(src, out, template="a photo of a {}."):
-    """A labelled folder's images, flat, each with its class caption beside it."""
-    out.mkdir(parents=True)
-    for d in sorted(p for p in src.iterdir() if p.is_dir()):
-        for f in sorted(d.iterdir()):
-            shutil.copy(f, out / f"{d.name}-{f.name}")
-            (out / f"{d.name}-{f.stem}.txt").write_text(template.format(d.name.replace("_", " ")) + "\n")
-    return out
-
-
 def test_a_caption_folder_opens_with_its_distinct_captions_as_classes(tmp_path):
-    folder = caption_folder(tiny.make_folder(tmp_path / "src", 3), tmp_path / "caps")
+    folder = tiny.caption_folder(tiny.make_folder(tmp_path / "src", 3), tmp_path / "caps")
     (folder / "lost.png").write_bytes((folder / "red_square-000.png").read_bytes())  # no caption beside it
     (folder / "empty.png").write_bytes(b"")
     (folder / "empty.txt").write_text("a photo of nothing.")
@@ -71,7 +61,7 @@ def test_a_retrieval_guard_refuses_a_candidate_that_only_hurts_text_to_image(tmp
     """Caption 0's images are only just closer to it than to caption 1; the candidate moves the
     caption-1 image towards caption 0 while it stays closer to caption 1: every image still finds
     its caption (image->text unchanged), but caption 0 now retrieves the wrong image."""
-    images = open_caption_set(caption_folder(tiny.make_folder(tmp_path / "src", 2, classes=tiny.CLASSES[:2]), tmp_path / "caps"))
+    images = open_caption_set(tiny.caption_folder(tiny.make_folder(tmp_path / "src", 2, classes=tiny.CLASSES[:2]), tmp_path / "caps"))
     captions = torch.eye(3)[:2]  # caption 0 (blue stripes), caption 1 (green circle)
     before = torch.tensor([[0.5, 0.4, 0.768], [0.5, 0.4, 0.768], [0.3, 0.9, 0.316], [0.3, 0.9, 0.316]])
     after = before.clone()
@@ -100,7 +90,7 @@ def test_a_retrieval_guard_refuses_a_candidate_that_only_hurts_text_to_image(tmp
 
 def test_guard_and_eval_measure_a_retrieval_suite(make_workspace, vit_bundle, tmp_path):
     pool = tiny.make_folder(tmp_path / "pool", 10, seed=5)
-    captions = caption_folder(tiny.make_folder(tmp_path / "capsrc", 6, seed=9), tmp_path / "captions")
+    captions = tiny.caption_folder(tiny.make_folder(tmp_path / "capsrc", 6, seed=9), tmp_path / "captions")
     root = make_workspace(
         vit_bundle, shot_pool=DataSpec(path=str(pool), name="pool"),
         apply=ApplySpec(shots=4, epochs=2, batch_size=6, lr=3e-3, rank=4, lora_alpha=4.0),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,13 @@ def make_folder(root: Path, per_class: int = 8, seed: int = 0, classes=CLASSES, 
             kinds = CLASSES + NEW_CLASSES  # a known name is drawn as itself, wherever it stands in `classes`
             draw(kinds.index(name) if name in kinds else c % 3, rng, size).save(d / f"{i:03d}.png")
     return root
+
+
+def caption_folder(src, out, template="a photo of a {}."):
+    """A labelled folder's images, flat, each with its class caption beside it."""
+    out.mkdir(parents=True)
+    for d in sorted(p for p in src.iterdir() if p.is_dir()):
+        for f in sorted(d.iterdir()):
+            shutil.copy(f, out / f"{d.name}-{f.name}")
+            (out / f"{d.name}-{f.stem}.txt").write_text(template.format(d.name.replace("_", " ")) + "\n")
+    return out

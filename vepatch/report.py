@@ -103,35 +103,33 @@ def image_loader(root: Path, suite: SuiteEvidence) -> Callable[[int], Callable[[
 
 
 def gallery(kind: str, suite: SuiteEvidence, indices: np.ndarray, loader: Callable[[int], Callable[[], object]]) -> str:
-    if len(indices) == 0:
-        return f"<p class=muted>{kind}: none</p>"
     names = suite.classnames
     by_class = [[i for i in indices if suite.labels[i] == k] for k in range(len(names))]
     shown = [i for group in itertools.zip_longest(*by_class) for i in group if i is not None]  # every class, in turn
-    cells = []
-    for i in shown[:MAX_THUMBS]:
-        uri = thumbnail(loader(int(i)))
-        img = f'<img src="{uri}" alt="{escape(Path(suite.sources[i]).name)}">' if uri else "<div class=muted>(unreadable)</div>"
-        cells.append(f'<div class="cell {kind}">{img}<br>true <b>{escape(names[suite.labels[i]])}</b><br>'
-                     f'{escape(names[suite.before[i]])} → {escape(names[suite.after[i]])}</div>')
-    more = f"<p class=muted>and {len(indices) - MAX_THUMBS} more</p>" if len(indices) > MAX_THUMBS else ""
-    return f"<h3>{kind} ({len(indices)})</h3><div class=grid>{''.join(cells)}</div>{more}"
+    return grid(kind, kind, suite, shown, loader, lambda i: f"true <b>{escape(names[suite.labels[i]])}</b><br>"
+                f"{escape(names[suite.before[i]])} → {escape(names[suite.after[i]])}")
 
 
 def score_gallery(kind: str, suite: SuiteEvidence, indices: np.ndarray, loader: Callable[[int], Callable[[], object]]) -> str:
     """A captioning suite's images whose caption likelihood rose ('fixed') or fell ('broke'),
     the biggest change first: the caption, and its likelihood before -> after."""
     label = {"fixed": "likelier captions", "broke": "less likely captions"}[kind]
-    if len(indices) == 0:
+    return grid(kind, label, suite, list(indices), loader, lambda i: f"{escape(suite.classnames[suite.labels[i]])}<br>"
+                f"{100 * suite.before[i]:.1f}% → {100 * suite.after[i]:.1f}%")
+
+
+def grid(kind: str, label: str, suite: SuiteEvidence, shown: list, loader: Callable[[int], Callable[[], object]],
+         caption: Callable[[int], str]) -> str:
+    """Thumbnails of the first MAX_THUMBS of `shown`, each with its caption (HTML)."""
+    if len(shown) == 0:
         return f"<p class=muted>{label}: none</p>"
     cells = []
-    for i in indices[:MAX_THUMBS]:
+    for i in shown[:MAX_THUMBS]:
         uri = thumbnail(loader(int(i)))
         img = f'<img src="{uri}" alt="{escape(Path(suite.sources[i]).name)}">' if uri else "<div class=muted>(unreadable)</div>"
-        cells.append(f'<div class="cell {kind}">{img}<br>{escape(suite.classnames[suite.labels[i]])}<br>'
-                     f'{100 * suite.before[i]:.1f}% → {100 * suite.after[i]:.1f}%</div>')
-    more = f"<p class=muted>and {len(indices) - MAX_THUMBS} more</p>" if len(indices) > MAX_THUMBS else ""
-    return f"<h3>{label} ({len(indices)})</h3><div class=grid>{''.join(cells)}</div>{more}"
+        cells.append(f'<div class="cell {kind}">{img}<br>{caption(i)}</div>')
+    more = f"<p class=muted>and {len(shown) - MAX_THUMBS} more</p>" if len(shown) > MAX_THUMBS else ""
+    return f"<h3>{label} ({len(shown)})</h3><div class=grid>{''.join(cells)}</div>{more}"
 
 
 def per_class(suite: SuiteEvidence) -> str:
