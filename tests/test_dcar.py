@@ -54,7 +54,7 @@ def test_dcar_learns_a_visual_prompt_and_leaves_every_weight_bit_identical(make_
         assert {k.split("#")[1] for k in vision} == {"vprompt.tokens", "dense"}
         assert manifest["masks"][next(k.split("#")[0] for k in vision if "tokens" in k)] == 3 * 64
     else:  # a 4-pixel border of the 32-pixel image, 3 channels
-        assert {k.split("#")[1] for k in vision} == {"sparse.index", "sparse.value"}
+        assert {k.split("#")[1] for k in vision} == {"sparse.bits", "sparse.value"}  # 30% of the pixels: a bit each
         assert manifest["masks"][f"{visual_prompts.PREFIX}pad.pixels"] == 3 * (32 * 32 - 24 * 24)
     assert any(k.endswith("#prompt.ids") for k in delta.tensors) and any(k.endswith("#weights.text") for k in delta.tensors)
     assert _run("guard", "-C", str(root), manifest["candidate_id"], "--json")["version"] == "v1"

@@ -10,6 +10,7 @@ import tiny
 from vepatch import store
 from vepatch.cli import app
 from vepatch.delta import Delta, apply_delta
+from vepatch.errors import StoreError
 from vepatch.recipe import ApplySpec, DataSpec, GuardSpec, GuardSuite
 
 runner = CliRunner()
@@ -141,7 +142,7 @@ def test_tampered_and_foreign_patches_are_refused(make_workspace, vit_bundle, tm
     assert _invoke("guard", "-C", str(root))[0].exit_code == 0
     patch = root / ".vepatch" / "patches" / "v0001" / "patch.safetensors"
     good = patch.read_bytes()
-    patch.write_bytes(good[:-8] + b"\0" * 8)
+    patch.write_bytes(good[:-8] + bytes(b ^ 0xFF for b in good[-8:]))  # flipped, so it always differs
     result, _ = _invoke("eval", str(tmp_path / "pool"), "-C", str(root), "--version", "v1")
     assert result.exit_code == 1 and "sha256 mismatch" in result.output
     assert _invoke("verify", "-C", str(root))[0].exit_code == 1
@@ -204,12 +205,13 @@ def test_every_method_trains_a_candidate(make_workspace, vit_bundle, tmp_path, m
     result, manifest = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none", "--method", method)
     assert result.exit_code == 0, result.output
     assert manifest["trainable_params"] > 0 and manifest["method"] == method
-    # counted: the numbers that can change, not what the patch file stores (a head-masked LoRA
-    # factor keeps zero rows for the heads that were not chosen)
+    # counted: the numbers that can change (a head-masked LoRA factor: the chosen heads' rows),
+    # which is also what the patch file stores: the other heads' zero rows are left out
     assert manifest["trainable_params"] == sum(manifest["masks"].values())
     if method in ("lorsu-random", "lorsu-heads"):
         _, delta = store.read_candidate(store.Workspace(root), manifest["candidate_id"])
-        assert manifest["trainable_params"] < delta.trainable_count()
+        assert manifest["trainable_params"] == delta.trainable_count()
+        assert any(k.endswith("#lowrank.rows") for k in delta.tensors)
 
 
 def test_l2_and_distillation_regularize_the_delta(make_workspace, vit_bundle, tmp_path):
@@ -390,7 +392,8 @@ def test_a_tampered_version_can_be_set_aside_and_the_store_verifies_again(make_w
         assert _invoke("apply", "-C", str(root), "--diagnosis", "none")[0].exit_code == 0
         assert _invoke("guard", "-C", str(root))[0].exit_code == 0
     patch = root / ".vepatch" / "patches" / "v0001" / "patch.safetensors"
-    patch.write_bytes(patch.read_bytes()[:-8] + b"\0" * 8)
+    good = patch.read_bytes()
+    patch.write_bytes(good[:-8] + bytes(b ^ 0xFF for b in good[-8:]))  # flipped, so it always differs
     assert "v1 does not verify" in _invoke("show", "v1", "-C", str(root))[0].output
     result, _ = _invoke("verify", "--quarantine", "-C", str(root))
     assert result.exit_code == 2 and "rollback base" in result.output  # HEAD (v2) is built on v1
@@ -434,3 +437,28 @@ def test_sparse_indices_take_the_narrowest_integer_type_and_round_trip(tmp_path)
         like = torch.zeros(shape)
         assert torch.equal(back.change_for(name, like), delta.change_for(name, like))
         assert back.change_for(name, like).view(-1)[-1] == delta.tensors[f"{name}#sparse.value"][-1]
+
+
+def test_dense_masks_are_stored_as_bits_and_head_masked_factors_without_their_zero_rows(tmp_path):
+    """LoRSU's 10% of an fc1 weight: int32 indices would take 3.2x the bytes of one bit per
+    entry; a head-masked LoRA factor keeps 2 of 6 heads' rows, so the other 4 are not stored."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(1536, 384, generator=g) < 0.1
+    rows = torch.zeros(1152, dtype=torch.bool)
+    rows[:128] = True  # two heads' Q rows of a 384-wide, 6-head block
+    delta = Delta()
+    delta.add_sparse("fc1", torch.randn(1536, 384, generator=g), mask)
+    up = torch.randn(1152, 64, generator=g) * rows.unsqueeze(1)
+    delta.add_lowrank("qkv", up, torch.randn(64, 384, generator=g), rows)
+    assert "fc1#sparse.index" not in delta.tensors and delta.tensors["fc1#sparse.bits"].numel() == 1536 * 384 // 8
+    assert delta.tensors["qkv#lowrank.up"].shape == (128, 64) and delta.tensors["qkv#lowrank.rows"].dtype == torch.int16
+    path = tmp_path / "delta.safetensors"
+    path.write_bytes(delta.to_bytes())
+    back = Delta.from_file(path)
+    change = back.change_for("fc1", torch.zeros(1536, 384))
+    assert not bool(((change != 0) & ~mask).any())  # nothing outside the mask
+    assert torch.equal(change[mask], delta.tensors["fc1#sparse.value"])
+    assert torch.equal(back.change_for("qkv", torch.zeros(1152, 384)), up @ delta.tensors["qkv#lowrank.down"])
+    assert torch.equal(back.scaled(0.5).change_for("qkv", torch.zeros(1152, 384)), 0.5 * up @ delta.tensors["qkv#lowrank.down"])
+    with pytest.raises(StoreError, match="does not fit"):  # a mask for another shape is refused, never read
+        back.change_for("fc1", torch.zeros(1536, 385))

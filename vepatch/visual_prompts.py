@@ -190,7 +190,7 @@ def attach(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             made, _ = add_tokens(model.visual, t)
             if made != f"{PREFIX}{key}":
                 raise ModelError(f"delta entry {name}: its tokens do not give its key", "the patch is damaged; it is refused")
-        elif key == PAD and name.endswith(("#sparse.index", "#sparse.value")):
+        elif key == PAD and name.endswith(("#sparse.index", "#sparse.bits", "#sparse.value")):
             pad_prompt(model.visual, 0)  # the border is in the stored indices
         elif not name.endswith(".gate#dense"):
             raise ModelError(f"delta entry {name}: not a visual prompt vepatch knows", "the patch is damaged; it is refused")

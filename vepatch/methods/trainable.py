@@ -129,7 +129,7 @@ class Trainable:
                 out.add_sparse(name, change, mask.cpu())
         for name, change in self.lowrank.items():
             up = (change.scale * change.up * change.row_mask).detach().float().cpu()
-            out.add_lowrank(name, up, change.down.detach().float().cpu())
+            out.add_lowrank(name, up, change.down.detach().float().cpu(), change.row_mask.reshape(-1).bool().cpu())
         if self.extract_extra is not None:
             out.tensors.update(self.extract_extra().tensors)
         return out.scaled(self.keep)
