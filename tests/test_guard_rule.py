@@ -102,3 +102,24 @@ def test_an_earlier_versions_holdout_is_judged_however_low_its_accuracy():
         result = judge([suite], {"v1-holdout": Predictions(labels, before)}, {"v1-holdout": Predictions(labels, after)},
                        GuardSpec(max_mean_drop_pp=100.0), 1.0)
         assert result.passed is not judged
+
+
+
+def test_with_the_base_model_s_predictions_small_drops_cannot_add_up():
+    """Night after night -0.5 pp passes a 1 pp bar; against the base model the sum is judged."""
+    suite = Suite("g", "guard", ImageSet("g", "", ["a", "b"], []), None, 1.0)
+    spec = GuardSpec(max_mean_drop_pp=100.0)
+
+    def nights(earlier: int, tonight: int):
+        """The base right on all 600; the baseline lost `earlier`, tonight's candidate `tonight` more."""
+        base, baseline = paired(600, lost=earlier, gained=0)
+        preds = baseline.preds.copy()
+        preds[earlier:earlier + tonight] = 1
+        return base, baseline, Predictions(baseline.labels, preds)
+
+    base, baseline, cand = nights(6, 3)  # -0.5 pp tonight, -1.5 pp since the base (p = 0.5**9)
+    assert judge([suite], {"g": baseline}, {"g": cand}, spec, 1.0).passed
+    result = judge([suite], {"g": baseline}, {"g": cand}, spec, 1.0, root={"g": base})
+    assert not result.passed and result.suites[0].why.startswith("since the base model: drop -1.5 pp")
+    base, baseline, cand = nights(3, 2)  # -0.83 pp since the base: within the bar
+    assert judge([suite], {"g": baseline}, {"g": cand}, spec, 1.0, root={"g": base}).passed

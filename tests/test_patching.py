@@ -136,6 +136,28 @@ def test_guard_refuses_a_harmful_candidate(make_workspace, fitted_bundle, tmp_pa
     assert (ws.candidate_dir(manifest["candidate_id"]) / "guard.json").is_file()
 
 
+def test_drops_that_each_night_allows_cannot_add_up_past_a_suite_s_bar(make_workspace, fitted_bundle, tmp_path):
+    """v1 cost the colours suite a lot (promoted under a lenient bar); a candidate that changes
+    nothing on top of it passes tonight's comparison with v1, but not the one with the base."""
+    root = _ws(make_workspace, fitted_bundle, tmp_path)
+    ws = store.Workspace(root)
+    result, _ = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none", "--method", "full", "--lr", "0.5")
+    assert result.exit_code == 0, result.output
+    result, report = _invoke("guard", "-C", str(root), "--json")
+    assert report["accepted"], result.output
+    lost = -report["trials"][0]["suites"][1]["change_pp"]
+    assert lost > 0, "the planted v1 must have cost the colours suite something"
+    text = (root / "vepatch.yaml").read_text().replace("max_drop_pp: 100.0", "max_drop_pp: 0.0").replace("alpha: 0.05", "alpha: 1.0")
+    (root / "vepatch.yaml").write_text(text)
+    result, _ = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none", "--method", "full", "--lr", "1e-12")
+    assert result.exit_code == 0, result.output
+    result, report = _invoke("guard", "-C", str(root), "--json")
+    assert result.exit_code == 3, result.output
+    colours = report["trials"][0]["suites"][1]
+    assert colours["name"] == "colours" and colours["change_pp"] == 0.0 and "since the base model" in colours["why"]
+    assert store.versions(ws) == ["v1"] and store.head(ws) == "v1"
+
+
 def test_tampered_and_foreign_patches_are_refused(make_workspace, vit_bundle, tmp_path):
     root = _ws(make_workspace, vit_bundle, tmp_path)
     assert _invoke("apply", "-C", str(root), "--diagnosis", "none")[0].exit_code == 0

@@ -120,15 +120,39 @@ def at_chance(suite: Suite, baseline: Predictions, alpha: float = 0.05) -> bool:
     return binomtest(int(baseline.correct.sum()), n, 1.0 / k, alternative="greater").pvalue >= alpha
 
 
-def judge(suites: list[Suite], base: dict[str, Measured], cand: dict[str, Measured], spec: GuardSpec, strength: float) -> StrengthResult:
+def paired_change(b: Measured, a: Measured, alpha: float) -> tuple[float, float, float]:
+    """From b to a: the change in pp, the one-sided p of a drop, the smallest drop this size can detect."""
+    change = 100 * (a.accuracy - b.accuracy)
+    if isinstance(b, Scores):  # per-image values, not right or wrong: the signed-rank test and its size rule
+        return change, captioning.drop_p(b, a), captioning.detectable_drop_pp(len(b.labels), alpha)
+    return change, drop_p(b.correct, a.correct), detectable_drop_pp(len(b.labels), alpha)
+
+
+def within_bar(n: int, change: float, p: float, detectable: float, bar: float, spec: GuardSpec) -> tuple[bool, str]:
+    """A drop beyond `bar` counts if the paired test says so at guard.alpha or, for a suite too
+    small to detect its bar (small_suites: strict), by its raw size."""
+    too_small = detectable > bar and spec.small_suites == "strict"
+    over_bar = -change > bar + 1e-9  # 2 images of 200 is a 1.0 pp drop, not more
+    passed = not (over_bar and (too_small or p < spec.alpha))
+    if not over_bar:
+        return passed, "kept"
+    if passed:
+        return passed, f"drop {change:+.1f} pp within noise (p={p:.2f})"
+    if too_small:
+        return passed, (f"drop {change:+.1f} pp > {bar:.1f} pp allowed ({n} images cannot tell "
+                        f"less than {detectable:.1f} pp from noise, so the raw drop decides)")
+    return passed, f"drop {change:+.1f} pp > {bar:.1f} pp allowed (p={p:.3f})"
+
+
+def judge(suites: list[Suite], base: dict[str, Measured], cand: dict[str, Measured], spec: GuardSpec, strength: float,
+          root: dict[str, Measured] | None = None) -> StrengthResult:
+    """Every suite against the baseline. With `root` (the base model's predictions on the
+    recipe's guard suites: guard.cumulative), each of those suites' bars also holds against the
+    base model, so drops that each night allows cannot add up over many nights."""
     results, guard_changes = [], []
     for s in suites:
         b, a = base[s.name], cand[s.name]
-        change = 100 * (a.accuracy - b.accuracy)
-        if isinstance(b, Scores):  # per-image values, not right or wrong: the signed-rank test and its size rule
-            p, detectable = captioning.drop_p(b, a), captioning.detectable_drop_pp(len(b.labels), spec.alpha)
-        else:
-            p, detectable = drop_p(b.correct, a.correct), detectable_drop_pp(len(b.labels), spec.alpha)
+        change, p, detectable = paired_change(b, a, spec.alpha)
         if s.role == "target":
             passed = change >= spec.min_target_gain_pp
             why = "gain ok" if passed else f"gain {change:+.1f} pp < required {spec.min_target_gain_pp:+.1f} pp"
@@ -136,18 +160,11 @@ def judge(suites: list[Suite], base: dict[str, Measured], cand: dict[str, Measur
             passed, why = True, "baseline at chance: not judged"
         else:
             guard_changes.append(change)
-            too_small = detectable > s.max_drop_pp and spec.small_suites == "strict"
-            over_bar = -change > s.max_drop_pp + 1e-9  # 2 images of 200 is a 1.0 pp drop, not more
-            passed = not (over_bar and (too_small or p < spec.alpha))
-            if not over_bar:
-                why = "kept"
-            elif passed:
-                why = f"drop {change:+.1f} pp within noise (p={p:.2f})"
-            elif too_small:
-                why = (f"drop {change:+.1f} pp > {s.max_drop_pp:.1f} pp allowed ({len(b.labels)} images cannot tell "
-                       f"less than {detectable:.1f} pp from noise, so the raw drop decides)")
-            else:
-                why = f"drop {change:+.1f} pp > {s.max_drop_pp:.1f} pp allowed (p={p:.3f})"
+            passed, why = within_bar(len(b.labels), change, p, detectable, s.max_drop_pp, spec)
+            r = root.get(s.name) if root else None
+            if passed and r is not None and not at_chance(s, r, spec.alpha):
+                passed, since = within_bar(len(r.labels), *paired_change(r, a, spec.alpha), s.max_drop_pp, spec)
+                why = why if passed else f"since the base model: {since}"
         results.append(SuiteResult(s.name, s.role, len(b.labels), b.accuracy, a.accuracy, change, p, passed, why,
                                    detectable))
     mean_change = float(np.mean(guard_changes)) if guard_changes else 0.0
@@ -196,13 +213,13 @@ def cached(loaded: LoadedModel, suite: Suite, batch_size: int, device: str, cach
 def search_strengths(
     baseline: LoadedModel, delta: Delta, suites: list[Suite], spec: GuardSpec, batch_size: int, device: str,
     base_predictions: dict[str, Measured] | None = None, cache: PredictionCache | None = None,
-    keep_bytes: int = DEFAULT_BUDGET_BYTES,
+    keep_bytes: int = DEFAULT_BUDGET_BYTES, root: dict[str, Measured] | None = None,
 ) -> tuple[list[StrengthResult], dict[float, dict[str, Measured]], dict[str, Measured]]:
     """Evaluate baseline once and baseline + lambda * delta for every lambda, in this process,
     same device and batches. Each suite is read once: its inputs at the first module the delta
     touches are kept (within `keep_bytes`) and every pass runs only the rest of the tower; the
-    baseline's predictions come from `cache` when it has them. Returns the trials, the
-    candidates' predictions, the baseline's."""
+    baseline's predictions come from `cache` when it has them; `root`: see judge. Returns the
+    trials, the candidates' predictions, the baseline's."""
     entry = "" if not keep_bytes else (describe_tower(baseline.model).entry_for(delta.params)
                                        if any(p.startswith("visual.") for p in delta.params) else FEATURES)
     budget = Budget(keep_bytes)
@@ -229,7 +246,7 @@ def search_strengths(
             preds[strength] = evaluate_suites(with_heads(baseline, suites) if delta.touches_text else suites, run, embed, score)
         finally:
             restore(baseline.model, originals)
-        trials.append(judge(suites, base, preds[strength], spec, strength))
+        trials.append(judge(suites, base, preds[strength], spec, strength, root))
     return trials, preds, base
 
 
@@ -334,13 +351,18 @@ def _judge(ctx: Context, candidate_id: Optional[str], baseline: Optional[str], m
     notes += [f"trained on the same shots as {v}: its gain may be the same fix again" for v in store.chain(ws, baseline)
               if store.read_manifest(ws, v).shots_hash == manifest.shots_hash]
     spec, bs = ctx.recipe.guard, ctx.recipe.batch_size
+    # guard.cumulative: the recipe's suites are also held against the base model (see judge)
+    lasting = [s for s in suites if s.role == "guard" and not s.holdout] if spec.cumulative and baseline != "base" else []
     passes = 1 + len(spec.strengths) + (baseline != manifest.parent)
-    progress.begin("guard", passes * images_per_pass(suites))
-    base_predictions, cache = None, ctx.prediction_cache()
+    progress.begin("guard", passes * images_per_pass(suites) + images_per_pass(lasting))
+    base_predictions, root, cache = None, None, ctx.prediction_cache()
     if baseline != manifest.parent:
         base_model, _ = ctx.model(baseline)
         base_predictions = predict_all(base_model, with_heads(base_model, suites), bs, ctx.device, cache)
-    trials, preds, base = search_strengths(parent, delta, suites, spec, bs, ctx.device, base_predictions, cache)
+    if lasting:
+        root_model, _ = ctx.model("base")
+        root = predict_all(root_model, with_heads(root_model, lasting), bs, ctx.device, cache)
+    trials, preds, base = search_strengths(parent, delta, suites, spec, bs, ctx.device, base_predictions, cache, root=root)
     notes += [f"{s.name}: the baseline is at chance there ({100 * base[s.name].accuracy:.1f}%, "
               f"{len(s.images.classnames)} classes), so it guards nothing and is not judged" for s in suites
               if at_chance(s, base[s.name], spec.alpha)]

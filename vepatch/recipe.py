@@ -129,6 +129,9 @@ class GuardSpec:
     small_suites: Literal["strict", "lenient"] = "strict"
     strengths: list[float] = ranged(factory=lambda: [0.25, 0.5, 0.75, 1.0], lo=0, hi=1, lo_open=True, nonempty=True)  # lambda values tried
     holdout_max_drop_pp: float = ranged(1.0, lo=0)  # bar for the holdouts of earlier accepted versions (they guard too)
+    # each recipe suite's bar also holds against the base model, not only against tonight's
+    # baseline: drops that each night allows cannot add up over many nights
+    cumulative: bool = True
 
 
 @dataclass(frozen=True)
