@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 import tiny
@@ -107,3 +109,25 @@ def test_base_to_new_trains_on_the_base_classes_only_and_measures_both(vit_bundl
                                  shot_pool=DataSpec(path=str(pool))))
     refused = CliRunner().invoke(app, ["bench", "-C", str(small), "--base-new", "--methods", "lorsu"])
     assert refused.exit_code == 2 and "at least 4 classes" in refused.output
+
+
+def test_a_stream_summary_reads_seen_accuracy_forgetting_and_guard_change_from_the_rounds(tmp_path):
+    """Planted rounds: r1's holdout peaks at 0.9 after r2 and ends at 0.8 (10 pp forgotten from
+    its best, not from its first reading); a refused round counts as not promoted."""
+    from vepatch.stream import StreamRound, stream_markdown, summarize_stream
+
+    def at(name, status, rounds, imagenette):
+        return StreamRound(name, status, "v1", "", rounds, {}, {"imagenette": imagenette}, 0)
+
+    rounds = [at("start", "-", {}, 0.78),
+              at("r1", "promoted", {"r1": 0.8}, 0.78),
+              at("r2", "promoted", {"r1": 0.9, "r2": 0.6}, 0.77),
+              at("r3", "refused", {"r1": 0.8, "r2": 0.6, "r3": 0.0}, 0.75)]
+    run = summarize_stream("lorsu", "lorsu", "replay", rounds, 120.0)
+    assert run.seen_accuracy == pytest.approx([0.8, 0.75, (0.8 + 0.6 + 0.0) / 3])
+    assert run.average_accuracy == pytest.approx((0.8 + 0.75 + 1.4 / 3) / 3)
+    assert run.forgetting_pp == pytest.approx({"r1": 10.0, "r2": 0.0})
+    assert run.guard_change_pp == pytest.approx({"imagenette": -3.0})
+    assert run.promoted == 2
+    row = stream_markdown([run]).splitlines()[2]
+    assert row.startswith("| lorsu | 80.0 | 75.0 | 46.7 |") and "| +10.0 | -3.0 | 2/3 |" in row
