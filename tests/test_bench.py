@@ -90,7 +90,8 @@ def test_base_to_new_trains_on_the_base_classes_only_and_measures_both(vit_bundl
     pool = tiny.make_folder(tmp_path / "pool", 6, seed=5, classes=classes)
     root = tmp_path / "ws"
     init_workspace(root, Recipe(model=ModelSpec(ref=f"local-dir:{vit_bundle}"), classes=list(classes),
-                                shot_pool=DataSpec(path=str(pool)), apply=ApplySpec(shots=2, epochs=1, augment_scale=1.0)))
+                                shot_pool=DataSpec(path=str(pool)),
+                                apply=ApplySpec(shots=2, epochs=1, augment_scale=1.0, method_lr={"coop": 0.5})))
     result = CliRunner().invoke(app, ["bench", "-C", str(root), "--base-new", "--methods", "lorsu", "--seeds", "1", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
@@ -103,6 +104,13 @@ def test_base_to_new_trains_on_the_base_classes_only_and_measures_both(vit_bundl
     assert manifest.train_files and {Path(f).parent.name for f in manifest.train_files} <= base_folders
     assert manifest.recipe.classes == classes[:3] and manifest.holdout.classnames == classes[:3]
     assert (Path(out["folder"]) / "base-new.md").read_text().startswith("base: red square")
+
+    # a prompt patch is measured with the heads its prompt makes (before: the base model's heads,
+    # so coop's base and new accuracies never moved)
+    result = CliRunner().invoke(app, ["bench", "-C", str(root), "--base-new", "--methods", "coop", "--seeds", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    (run,) = json.loads(result.stdout)["runs"]
+    assert (run["base_after"], run["new_after"]) != (run["base_before"], run["new_before"])
 
     small = tmp_path / "small"
     init_workspace(small, Recipe(model=ModelSpec(ref=f"local-dir:{vit_bundle}"), classes=list(tiny.CLASSES),

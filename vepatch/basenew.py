@@ -98,9 +98,11 @@ def bench_base_new(ctx: Context, methods: list[str], seeds: list[int], shots: in
             base_holdout = open_holdout(manifest.holdout, sub.workspace.root)
             base_before = predict(parent, heads["base"], base_holdout, bs, device).accuracy
             originals = apply_delta(parent.model, delta)
-            try:
-                base_after = predict(parent, heads["base"], base_holdout, bs, device).accuracy
-                new_after = predict(parent, heads["new"], new_set, bs, device).accuracy
+            try:  # a prompt patch changes what the text side makes of both halves' names
+                after = ({"base": text_head(parent, base, recipe.templates), "new": text_head(parent, new, recipe.templates)}
+                         if delta.touches_text else heads)
+                base_after = predict(parent, after["base"], base_holdout, bs, device).accuracy
+                new_after = predict(parent, after["new"], new_set, bs, device).accuracy
             finally:
                 restore(parent.model, originals)
             runs.append(BaseNewRun(method, seed, manifest.candidate_id, base_before, base_after, new_before, new_after))
