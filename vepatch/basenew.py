@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
 from . import clock, store
 from ._typed import to_plain
 from .context import Context, absolute_paths
@@ -87,7 +89,11 @@ def bench_base_new(ctx: Context, methods: list[str], seeds: list[int], shots: in
     parent, _ = sub.model()
     new_set = ImageSet("new", pool.root, new, [Sample(s.source, new.index(pool.classnames[s.label]))
                                                for s in pool.samples if pool.classnames[s.label] in new])
-    heads = {"base": text_head(parent, base, recipe.templates), "new": text_head(parent, new, recipe.templates)}
+    def halves() -> dict[str, torch.Tensor]:
+        """Each half's head as the model's text side makes it now (a prompt patch changes it)."""
+        return {"base": text_head(parent, base, recipe.templates), "new": text_head(parent, new, recipe.templates)}
+
+    heads = halves()
     bs, device = recipe.batch_size, ctx.device
     new_before = predict(parent, heads["new"], new_set, bs, device).accuracy
     runs, total = [], len(methods) * len(seeds)
@@ -99,8 +105,7 @@ def bench_base_new(ctx: Context, methods: list[str], seeds: list[int], shots: in
             base_before = predict(parent, heads["base"], base_holdout, bs, device).accuracy
             originals = apply_delta(parent.model, delta)
             try:  # a prompt patch changes what the text side makes of both halves' names
-                after = ({"base": text_head(parent, base, recipe.templates), "new": text_head(parent, new, recipe.templates)}
-                         if delta.touches_text else heads)
+                after = halves() if delta.touches_text else heads
                 base_after = predict(parent, after["base"], base_holdout, bs, device).accuracy
                 new_after = predict(parent, after["new"], new_set, bs, device).accuracy
             finally:
