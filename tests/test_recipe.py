@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import pytest
 
 from vepatch.errors import UsageError
-from vepatch.recipe import Recipe, dump_recipe, load_recipe, with_overrides
+from vepatch.recipe import Recipe, check_recipe, dump_recipe, load_recipe, with_overrides
 
 
 def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
@@ -111,3 +113,10 @@ def test_every_registered_method_is_offered_by_the_cli_and_has_its_own_file():
 def test_out_of_range_flags_are_refused_before_anything_runs():
     with pytest.raises(UsageError, match="apply.shots: 0 is out of range"):
         with_overrides(Recipe(), {"apply.shots": 0})
+
+
+def test_every_shipped_recipe_loads_and_checks():
+    shipped = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    assert shipped, "recipes/ has no recipe"
+    for path in shipped:
+        check_recipe(load_recipe(path), where=f"{path}:")
