@@ -166,7 +166,7 @@ def suites_table(report: GuardReport, proof: Evidence) -> str:
         rows.append([escape(s.name), s.role, str(len(s.labels)), before, after,
                      f"{change:+.1f} pp", str(len(s.fixed)), str(len(s.broke)),
                      "-" if r is None else f"{r.p_value:.3f}", detects, verdict])
-    return table(["suite", "role", "n", "before [95% CI]", "after [95% CI]", "change", "fixed", "broke", "p", "detects",
+    return table(["suite", "role", "n", "before [95% CI]", "after [95% CI]", "change", "fixed", "broke", "p(drop)", "detects",
                   "verdict"], rows, left=2, last_left=True)
 
 

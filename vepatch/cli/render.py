@@ -116,12 +116,13 @@ def guard_tables(report) -> list:
     label = "chosen" if report.accepted else "best try"
     t = titled(f"λ {shown.strength:g} ({label}): mean guard change {shown.mean_guard_change_pp:+.2f} pp",
               box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for col in ("suite", "n", "before", "after", "change", "p", "detects", ""):  # a long suite name wraps, the verdict never
+    for col in ("suite", "n", "before", "after", "change", "p(drop)", "detects", ""):  # a long suite name wraps, the verdict never
         t.add_column(col, justify="left" if col in ("suite", "") else "right", no_wrap=col != "suite")
     for s in shown.suites:
         detects = "-" if s.role == "target" or not s.detectable_pp else f"≥{s.detectable_pp:.1f}"
+        p_drop = "-" if s.role == "target" else f"{s.p_value:.2f}"  # the target is held to a gain, not tested for a drop
         name = s.name + (" (target)" if s.role == "target" and s.name != "target-holdout" else "")
-        t.add_row(name, str(s.n), pct(s.before), pct(s.after), f"{s.change_pp:+.1f} pp", f"{s.p_value:.2f}", detects,
+        t.add_row(name, str(s.n), pct(s.before), pct(s.after), f"{s.change_pp:+.1f} pp", p_drop, detects,
                   "ok" if s.passed else "FAIL")
     marks = ["chosen" if report.accepted and tr.strength == report.strength else ("pass" if tr.passed else "fail")
              for tr in report.trials]
