@@ -165,7 +165,7 @@ def suites_table(report: GuardReport, proof: Evidence) -> str:
             change = 100 * (np.mean(s.after == s.labels) - np.mean(s.before == s.labels)) if len(s.labels) else 0.0
         rows.append([escape(s.name), s.role, str(len(s.labels)), before, after,
                      f"{change:+.1f} pp", str(len(s.fixed)), str(len(s.broke)),
-                     "-" if r is None else f"{r.p_value:.3f}", detects, verdict])
+                     "-" if r is None or s.role == "target" else f"{r.p_value:.3f}", detects, verdict])
     return table(["suite", "role", "n", "before [95% CI]", "after [95% CI]", "change", "fixed", "broke", "p(drop)", "detects",
                   "verdict"], rows, left=2, last_left=True)
 
