@@ -78,6 +78,56 @@ def test_a_learning_rate_sweep_on_a_tuning_seed_trains_each_method_at_each_rate(
     assert bad.exit_code == 2 and "--lrs" in bad.output
 
 
+def test_a_bench_that_stops_part_way_keeps_the_runs_it_finished(make_workspace, vit_bundle, tmp_path, monkeypatch):
+    from vepatch import bench
+    from vepatch.errors import VepatchError
+
+    pool = tiny.make_folder(tmp_path / "pool", 8, seed=5)
+    root = make_workspace(vit_bundle, shot_pool=DataSpec(path=str(pool)), apply=ApplySpec(shots=3, epochs=1, augment_scale=1.0),
+                          guard=GuardSpec(min_target_gain_pp=-100.0, max_mean_drop_pp=100.0))
+    real, calls = bench.apply_in_subprocess, []
+
+    def second_apply_fails(workspace, method, *args):
+        calls.append(method)
+        if len(calls) == 2:
+            raise VepatchError(f"bench: apply --method {method} failed: planted")
+        return real(workspace, method, *args)
+
+    monkeypatch.setattr(bench, "apply_in_subprocess", second_apply_fails)
+    result = CliRunner().invoke(app, ["bench", "-C", str(root), "--methods", "ln,lorsu", "--seeds", "1"])
+    assert result.exit_code == 1 and "planted" in result.output
+    (run_dir,) = list((root / ".vepatch" / "bench").iterdir())
+    kept = json.loads((run_dir / "bench.json").read_text())
+    assert [r["method"] for r in kept["runs"]] == ["ln"] and kept["planned"] == 2
+    assert [r["method"] for r in kept["summary"]] == ["ln"] and (run_dir / "bench.md").read_text().count("| ln |") == 1
+
+
+def test_benches_run_apart_join_into_one_table_and_one_pareto_front(make_workspace, vit_bundle, tmp_path):
+    from vepatch.bench import write_bench
+
+    root = make_workspace(vit_bundle)
+    a, b, other = tmp_path / "a", tmp_path / "b", tmp_path / "other"
+    # alone, "a" is on its front; beside "b" (higher target, smaller drop) it is dominated
+    write_bench(a, [_run("a", 0, 0.6, -2.0), _run("a", 1, 0.6, -2.0)], 2, "cpu")
+    write_bench(b, [_run("b", 0, 0.8, -0.5)], 1, "cuda")
+    result = CliRunner().invoke(app, ["bench", "-C", str(root), "--join", f"{a},{b / 'bench.json'}", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [(r["method"], r["seed"]) for r in out["runs"]] == [("a", 0), ("a", 1), ("b", 0)]
+    assert {r["method"]: r["pareto"] for r in out["summary"]} == {"a": False, "b": True}
+    assert out["device"] == "cpu+cuda" and out["planned"] == 3
+    assert json.loads((tmp_path.parent / out["folder"] / "bench.json").read_text())["runs"] == out["runs"]
+    # refused: the same run twice, another base or split on a seed, a folder no bench wrote
+    twice = CliRunner().invoke(app, ["bench", "-C", str(root), "--join", f"{a},{a}"])
+    assert twice.exit_code == 2 and "a seed 0 is in both" in twice.output
+    moved = _run("c", 1, 0.7, 0.0)
+    write_bench(other, [BenchRun(**{**moved.__dict__, "target_before": 0.3})], 1, "cpu")
+    split = CliRunner().invoke(app, ["bench", "-C", str(root), "--join", f"{a},{other}"])
+    assert split.exit_code == 2 and "seed 1's base holdout accuracy is 20.0%" in split.output and str(other) in split.output
+    missing = CliRunner().invoke(app, ["bench", "-C", str(root), "--join", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "nowhere" in missing.output and "not a bench's bench.json" in missing.output
+
+
 def test_base_to_new_trains_on_the_base_classes_only_and_measures_both(vit_bundle, tmp_path):
     from pathlib import Path
 

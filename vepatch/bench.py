@@ -85,15 +85,20 @@ def apply_in_subprocess(workspace: Path, method: str, seed: int, shots: int, ext
 
 
 def run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, extra: Optional[list[str]] = None,
-              progress: Optional[Callable[[int, int], None]] = None, lrs: Optional[list[float]] = None) -> list[BenchRun]:
+              progress: Optional[Callable[[int, int], None]] = None, lrs: Optional[list[float]] = None,
+              keep: Optional[Callable[[list[BenchRun]], None]] = None) -> list[BenchRun]:
     """Every method on every seed; with `lrs`, every method at each of those learning rates (a
-    sweep on a tuning split: rows are labelled 'method lr=X')."""
+    sweep on a tuning split: rows are labelled 'method lr=X'). `keep` is handed the runs so far
+    after each one (to write them: a bench that stops part-way keeps what it finished)."""
     with ctx.workspace.lock():
-        return _run_bench(ctx, methods, seeds, shots, extra, progress, lrs)
+        runs = _run_bench(ctx, methods, seeds, shots, extra, progress, lrs, keep)
+    ctx.workspace.log("bench", methods=methods, seeds=seeds, runs=len(runs))
+    return runs
 
 
 def _run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, extra: Optional[list[str]],
-               progress: Optional[Callable[[int, int], None]], lrs: Optional[list[float]] = None) -> list[BenchRun]:
+               progress: Optional[Callable[[int, int], None]], lrs: Optional[list[float]] = None,
+               keep: Optional[Callable[[list[BenchRun]], None]] = None) -> list[BenchRun]:
     parent, version = ctx.model()
     plans = [(m, lr) for m in methods for lr in (lrs or [None])]
     runs, total, step = [], len(plans) * len(seeds), 0
@@ -124,23 +129,78 @@ def _run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, e
                 {g: at_guard[g].change_pp if best else 0.0 for g in guards},
             ))
             step += 1
+            if keep:
+                keep(list(runs))
             if progress:
                 progress(step, total)
     return runs
 
 
-def write_bench(ctx: Context, runs: list[BenchRun], methods: list[str], seeds: int) -> tuple[Path, dict]:
-    """.vepatch/bench/<utc>/: bench.json (every run and the summary), bench.md, bench.png, bench.html."""
+def bench_folder(ctx: Context) -> Path:
+    """Where a new bench writes: .vepatch/bench/<utc>/."""
+    return ctx.workspace.bench / clock.stamp()
+
+
+def write_bench(folder: Path, runs: list[BenchRun], planned: int, device: str) -> dict:
+    """`folder`/: bench.json (every run, the summary, and how many runs were `planned`: fewer
+    runs than that means the bench stopped part-way), bench.md, bench.png, bench.html. Each file
+    is replaced atomically, so it can be rewritten after every run."""
     rows = summarize(runs)
-    folder = ctx.workspace.bench / clock.stamp()
-    result = {"runs": to_plain(runs), "summary": to_plain(rows), "device": ctx.device}
+    result = {"runs": to_plain(runs), "summary": to_plain(rows), "device": device, "planned": planned}
     write_text_atomic(folder / "bench.json", json.dumps(result, indent=2))
     write_text_atomic(folder / "bench.md", markdown(rows))
     plot(runs, rows, folder / "bench.png")
-    write_text_atomic(folder / "bench.html", bench_page(f"vepatch bench {folder.name} ({ctx.device})", markdown(rows),
+    write_text_atomic(folder / "bench.html", bench_page(f"vepatch bench {folder.name} ({device})", markdown(rows),
                                                         (folder / "bench.png").read_bytes()))
-    ctx.workspace.log("bench", folder=str(folder), methods=methods, seeds=seeds)
-    return folder, result
+    return result
+
+
+def read_bench(path: Path) -> tuple[list[BenchRun], str]:
+    """The runs and device of a bench folder (or its bench.json)."""
+    from ._typed import from_plain
+    from .errors import UsageError
+
+    file = path / "bench.json" if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text())
+        return [from_plain(BenchRun, r, f"{file}: runs", strict=False) for r in data["runs"]], str(data.get("device", "?"))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"bench --join: {file} is not a bench's bench.json ({type(exc).__name__}: {exc})",
+                         "name folders under .vepatch/bench/ that a bench wrote") from None
+
+
+def join_benches(paths: list[Path]) -> tuple[list[BenchRun], str]:
+    """The runs of several benches as one (one table, one Pareto front), and their devices.
+    Refused unless they measured the same thing: the same guard suites, and on each seed the same
+    base accuracy on the target holdout (the same base and split); each method and seed once."""
+    from .errors import UsageError
+
+    joined: list[BenchRun] = []
+    devices: list[str] = []
+    seen: dict[tuple[str, int], Path] = {}
+    base: dict[int, tuple[float, Path]] = {}
+    suites: Optional[tuple[list[str], Path]] = None
+    for path in paths:
+        runs, device = read_bench(path)
+        devices += [device] if device not in devices else []
+        for run in runs:
+            names = sorted(run.guard_change_pp)
+            if suites is None:
+                suites = (names, path)
+            elif names != suites[0]:
+                raise UsageError(f"bench --join: {path} has guard suites {names}, {suites[1]} has {suites[0]}",
+                                 "join benches of one workspace setting")
+            if (run.method, run.seed) in seen:
+                raise UsageError(f"bench --join: {run.method} seed {run.seed} is in both {seen[run.method, run.seed]} and {path}",
+                                 "name each bench once, and each run in one of them")
+            seen[run.method, run.seed] = path
+            before, where = base.setdefault(run.seed, (run.target_before, path))
+            if run.target_before != before:
+                raise UsageError(f"bench --join: seed {run.seed}'s base holdout accuracy is {100 * before:.1f}% in {where} "
+                                 f"but {100 * run.target_before:.1f}% in {path}: not the same base and split",
+                                 "join benches of one workspace setting")
+            joined.append(run)
+    return joined, "+".join(devices)
 
 
 def summarize(runs: list[BenchRun]) -> list[BenchSummary]:

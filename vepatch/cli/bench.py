@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -23,6 +23,7 @@ def bench(
     stream: Annotated[Optional[Path], typer.Option("--stream", help="Instead: drive each method through the rounds of STREAM/<round>/ (LoRSU's protocol).")] = None,
     retain: Annotated[Optional[str], typer.Option("--retain", help="With --stream: comma-separated apply.retain settings to compare (default: the recipe's).")] = None,
     base_new: Annotated[bool, typer.Option("--base-new", help="Instead: train on the first half of the classes only, report base, new and H (CoOp's protocol).")] = False,
+    join: Annotated[Optional[str], typer.Option("--join", help="Instead: comma-separated bench folders (of one setting) joined into one table and Pareto front.")] = None,
     workspace: WorkspaceOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
@@ -30,55 +31,61 @@ def bench(
     """Compare patch methods on this workspace's data: same shots, holdout, guards, loss and budget.
 
     Writes .vepatch/bench/<utc>/bench.json, bench.md and bench.png (target gain vs worst guard
-    change, one point per method and seed). Candidates stay in candidates/.
+    change, one point per method and seed), rewritten after every run. Candidates stay in
+    candidates/. Benches run one method at a time (or in two workspaces side by side) are joined
+    with --join.
 
     Example: vepatch bench --methods lorsu,lora,full --seeds 3
     """
     from .. import context
-    from ..bench import markdown, run_bench, summarize, write_bench
+    from ..bench import bench_folder, join_benches, markdown, run_bench, summarize, write_bench
     from ..errors import UsageError
     from ..methods import get
 
     chosen = method_names() if methods == "all" else [get(m.strip()).name for m in methods.split(",") if m.strip()]
     ctx = context.open_context(workspace, device=device)
+    if join is not None:
+        runs, devices = join_benches([Path(p.strip()) for p in join.split(",") if p.strip()])
+        folder = bench_folder(ctx)
+        result = write_bench(folder, runs, len(runs), devices)
+        ctx.workspace.log("bench-join", folder=str(folder), sources=join, runs=len(runs))
+        return _show(result, folder, lambda: markdown(summarize(runs)), as_json)
     if stream is not None:
         from ..stream import bench_stream, stream_markdown
 
         retains = [r.strip() for r in retain.split(",")] if retain else [ctx.recipe.apply.retain]
         folder, runs = bench_stream(ctx, stream.resolve(), chosen, retains,
                                     lambda label, r: err.print(f"{label}: round {r.round} {r.status}, HEAD {r.version}"))
-        if as_json:
-            emit_json({"runs": runs, "folder": str(folder)})
-        else:
-            out.print(stream_markdown(runs))
-            out.print(f"written: {folder}")
-        return
+        return _show({"runs": runs}, folder, lambda: stream_markdown(runs), as_json)
     if base_new:
         from ..basenew import bench_base_new
 
         with progress_bar("bench") as advance:
             folder, result, table = bench_base_new(ctx, chosen, list(range(first_seed, first_seed + seeds)), shots or ctx.recipe.apply.shots,
                                                    ["--device", ctx.device], advance)
-        if as_json:
-            emit_json({**result, "folder": str(folder)})
-        else:
-            out.print(table)
-            out.print(f"written: {folder}")
-        return
+        return _show(result, folder, lambda: table, as_json)
     try:
         rates = [float(x) for x in lrs.split(",") if x.strip()] if lrs else None
     except ValueError:
         rates = [0.0]
     if rates is not None and not (rates and all(r > 0 for r in rates)):
         raise UsageError(f"--lrs {lrs}: learning rates must be above 0", "e.g. --lrs 1e-5,1e-4,1e-3")
+    folder = bench_folder(ctx)
+    planned = len(chosen) * len(rates or [None]) * seeds
     with progress_bar("bench") as advance:
         runs = run_bench(ctx, chosen, list(range(first_seed, first_seed + seeds)), shots or ctx.recipe.apply.shots,
-                         ["--device", ctx.device], advance, rates)
-    folder, result = write_bench(ctx, runs, chosen, seeds)
+                         ["--device", ctx.device], advance, rates,
+                         keep=lambda so_far: write_bench(folder, so_far, planned, ctx.device))
+    result = write_bench(folder, runs, planned, ctx.device)
+    _show(result, folder, lambda: markdown(summarize(runs)), as_json)
+
+
+def _show(result: dict, folder: Path, table: Callable[[], str], as_json: bool) -> None:
+    """A bench's result: as JSON (with its folder), or its table and where it was written."""
     if as_json:
         emit_json({**result, "folder": str(folder)})
     else:
-        out.print(markdown(summarize(runs)))
+        out.print(table())
         out.print(f"written: {folder}")
 
 
