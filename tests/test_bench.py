@@ -113,7 +113,7 @@ def test_benches_run_apart_join_into_one_table_and_one_pareto_front(make_workspa
     result = CliRunner().invoke(app, ["bench", "-C", str(root), "--join", f"{a},{b / 'bench.json'}", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert [(r["method"], r["seed"]) for r in out["runs"]] == [("a", 0), ("a", 1), ("b", 0)]
+    assert [(r["method"], r["seed"]) for r in out["runs"]] == [("a", 0), ("b", 0), ("a", 1)]  # seed by seed
     assert {r["method"]: r["pareto"] for r in out["summary"]} == {"a": False, "b": True}
     assert out["device"] == "cpu+cuda" and out["planned"] == 3
     assert json.loads((tmp_path.parent / out["folder"] / "bench.json").read_text())["runs"] == out["runs"]

@@ -170,7 +170,8 @@ def read_bench(path: Path) -> tuple[list[BenchRun], str]:
 
 
 def join_benches(paths: list[Path]) -> tuple[list[BenchRun], str]:
-    """The runs of several benches as one (one table, one Pareto front), and their devices.
+    """The runs of several benches as one (one table, one Pareto front; seed by seed, so that
+    each method's per-seed columns read in seed order), and their devices.
     Refused unless they measured the same thing: the same guard suites, and on each seed the same
     base accuracy on the target holdout (the same base and split); each method and seed once."""
     from .errors import UsageError
@@ -200,7 +201,7 @@ def join_benches(paths: list[Path]) -> tuple[list[BenchRun], str]:
                                  f"but {100 * run.target_before:.1f}% in {path}: not the same base and split",
                                  "join benches of one workspace setting")
             joined.append(run)
-    return joined, "+".join(devices)
+    return sorted(joined, key=lambda r: r.seed), "+".join(devices)  # seed order, as a bench runs them
 
 
 def summarize(runs: list[BenchRun]) -> list[BenchSummary]:
