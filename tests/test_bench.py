@@ -126,6 +126,7 @@ def test_benches_run_apart_join_into_one_table_and_one_pareto_front(make_workspa
     assert split.exit_code == 2 and "seed 1's base holdout accuracy is 20.0%" in split.output and str(other) in split.output
     missing = CliRunner().invoke(app, ["bench", "-C", str(root), "--join", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "nowhere" in missing.output and "not a bench's bench.json" in missing.output
+    assert CliRunner().invoke(app, ["bench", "-C", str(root), "--join", ","]).exit_code == 2
 
 
 def test_base_to_new_trains_on_the_base_classes_only_and_measures_both(vit_bundle, tmp_path):

@@ -91,9 +91,7 @@ def run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, ex
     sweep on a tuning split: rows are labelled 'method lr=X'). `keep` is handed the runs so far
     after each one (to write them: a bench that stops part-way keeps what it finished)."""
     with ctx.workspace.lock():
-        runs = _run_bench(ctx, methods, seeds, shots, extra, progress, lrs, keep)
-    ctx.workspace.log("bench", methods=methods, seeds=seeds, runs=len(runs))
-    return runs
+        return _run_bench(ctx, methods, seeds, shots, extra, progress, lrs, keep)
 
 
 def _run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, extra: Optional[list[str]],
@@ -176,6 +174,8 @@ def join_benches(paths: list[Path]) -> tuple[list[BenchRun], str]:
     base accuracy on the target holdout (the same base and split); each method and seed once."""
     from .errors import UsageError
 
+    if not paths:
+        raise UsageError("bench --join: no bench folders named", "e.g. --join .vepatch/bench/A,.vepatch/bench/B")
     joined: list[BenchRun] = []
     devices: list[str] = []
     seen: dict[tuple[str, int], Path] = {}

@@ -77,6 +77,7 @@ def bench(
                          ["--device", ctx.device], advance, rates,
                          keep=lambda so_far: write_bench(folder, so_far, planned, ctx.device))
     result = write_bench(folder, runs, planned, ctx.device)
+    ctx.workspace.log("bench", folder=str(folder), methods=chosen, seeds=seeds, runs=len(runs))
     _show(result, folder, lambda: markdown(summarize(runs)), as_json)
 
 
