@@ -16,9 +16,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import captioning, clock, store
-from ._typed import to_plain
+from ._typed import from_plain, to_plain
 from .context import Context
-from .errors import VepatchError
+from .errors import UsageError, VepatchError
 from .fsio import write_text_atomic
 from .guard import choose, guard_suites, mcnemar_p, search_strengths
 from .report import bench_page
@@ -70,8 +70,6 @@ class BenchSummary:
 
 
 def apply_in_subprocess(workspace: Path, method: str, seed: int, shots: int, extra: list[str]) -> PatchManifest:
-    from ._typed import from_plain
-
     cmd = [sys.executable, "-m", "vepatch", "apply", "-C", str(workspace), "--method", method, "--seed", str(seed),
            "--shots", str(shots), "--diagnosis", "none", "--origin", "bench", "--json", *extra]
     from .workspace import LOCK_HELD_ENV
@@ -144,7 +142,7 @@ def write_bench(folder: Path, runs: list[BenchRun], planned: int, device: str) -
     runs than that means the bench stopped part-way), bench.md, bench.png, bench.html. Each file
     is replaced atomically, so it can be rewritten after every run."""
     rows = summarize(runs)
-    result = {"runs": to_plain(runs), "summary": to_plain(rows), "device": device, "planned": planned}
+    result = bench_result(runs, planned, device)
     write_text_atomic(folder / "bench.json", json.dumps(result, indent=2))
     write_text_atomic(folder / "bench.md", markdown(rows))
     plot(runs, rows, folder / "bench.png")
@@ -153,11 +151,13 @@ def write_bench(folder: Path, runs: list[BenchRun], planned: int, device: str) -
     return result
 
 
+def bench_result(runs: list[BenchRun], planned: int, device: str) -> dict:
+    """What bench.json holds: every run, the summary, the device, how many runs were planned."""
+    return {"runs": to_plain(runs), "summary": to_plain(summarize(runs)), "device": device, "planned": planned}
+
+
 def read_bench(path: Path) -> tuple[list[BenchRun], str]:
     """The runs and device of a bench folder (or its bench.json)."""
-    from ._typed import from_plain
-    from .errors import UsageError
-
     file = path / "bench.json" if path.is_dir() else path
     try:
         data = json.loads(file.read_text())
@@ -172,8 +172,6 @@ def join_benches(paths: list[Path]) -> tuple[list[BenchRun], str]:
     each method's per-seed columns read in seed order), and their devices.
     Refused unless they measured the same thing: the same guard suites, and on each seed the same
     base accuracy on the target holdout (the same base and split); each method and seed once."""
-    from .errors import UsageError
-
     if not paths:
         raise UsageError("bench --join: no bench folders named", "e.g. --join .vepatch/bench/A,.vepatch/bench/B")
     joined: list[BenchRun] = []
@@ -183,7 +181,8 @@ def join_benches(paths: list[Path]) -> tuple[list[BenchRun], str]:
     suites: Optional[tuple[list[str], Path]] = None
     for path in paths:
         runs, device = read_bench(path)
-        devices += [device] if device not in devices else []
+        if device not in devices:
+            devices.append(device)
         for run in runs:
             names = sorted(run.guard_change_pp)
             if suites is None:

@@ -38,11 +38,13 @@ def bench(
     Example: vepatch bench --methods lorsu,lora,full --seeds 3
     """
     from .. import context
-    from ..bench import bench_folder, join_benches, markdown, run_bench, summarize, write_bench
+    from ..bench import bench_folder, bench_result, join_benches, markdown, run_bench, summarize, write_bench
     from ..errors import UsageError
     from ..methods import get
 
     chosen = method_names() if methods == "all" else [get(m.strip()).name for m in methods.split(",") if m.strip()]
+    if not chosen and join is None:
+        raise UsageError(f"--methods {methods!r} names no method", "e.g. --methods lorsu,lora, or all")
     ctx = context.open_context(workspace, device=device)
     if join is not None:
         runs, devices = join_benches([Path(p.strip()) for p in join.split(",") if p.strip()])
@@ -76,7 +78,7 @@ def bench(
         runs = run_bench(ctx, chosen, list(range(first_seed, first_seed + seeds)), shots or ctx.recipe.apply.shots,
                          ["--device", ctx.device], advance, rates,
                          keep=lambda so_far: write_bench(folder, so_far, planned, ctx.device))
-    result = write_bench(folder, runs, planned, ctx.device)
+    result = bench_result(runs, planned, ctx.device)  # the files were written after the last run
     ctx.workspace.log("bench", folder=str(folder), methods=chosen, seeds=seeds, runs=len(runs))
     _show(result, folder, lambda: markdown(summarize(runs)), as_json)
 
