@@ -32,10 +32,12 @@ def cnn_bundle(tmp_path_factory):
 @pytest.fixture
 def make_workspace(tmp_path):
     """A workspace on a tiny model with the tiny classes; returns its folder."""
-    from vepatch.recipe import ModelSpec, Recipe
+    from vepatch.recipe import GuardSpec, ModelSpec, Recipe
     from vepatch.workspace import init_workspace
 
     def make(bundle: Path, **fields) -> Path:
+        # a recipe without guard suites promotes only when it says so (guard.allow_unguarded)
+        fields.setdefault("guard", GuardSpec(allow_unguarded=True))
         recipe = Recipe(model=ModelSpec(ref=f"local-dir:{bundle}"), classes=list(tiny.CLASSES), **fields)
         root = tmp_path / "ws"
         init_workspace(root, recipe)

@@ -21,7 +21,7 @@ def ws(make_workspace, vit_bundle, tmp_path):
     pool = tiny.make_folder(tmp_path / "pool", 6, seed=5)
     return make_workspace(vit_bundle, shot_pool=DataSpec(path=str(pool)),
                           apply=ApplySpec(shots=2, epochs=1, augment_scale=1.0),
-                          guard=GuardSpec(min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]))
+                          guard=GuardSpec(min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0], allow_unguarded=True))
 
 
 @pytest.fixture

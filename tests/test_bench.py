@@ -30,7 +30,7 @@ def test_bench_writes_json_markdown_and_plot(make_workspace, vit_bundle, tmp_pat
                           apply=ApplySpec(shots=3, epochs=1, augment_scale=1.0),
                           # a permissive guard that searches strengths without 1.0: the bench must
                           # still score strength 1, and name the strength the guard promotes
-                          guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+                          guard=GuardSpec(allow_unguarded=True, suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
                                           min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[0.25, 0.5]))
     result = CliRunner().invoke(app, ["bench", "-C", str(root), "--methods", "lorsu,ln", "--seeds", "2", "--json"])
     assert result.exit_code == 0, result.output
@@ -62,7 +62,7 @@ def test_a_learning_rate_sweep_on_a_tuning_seed_trains_each_method_at_each_rate(
 
     pool = tiny.make_folder(tmp_path / "pool", 8, seed=5)
     root = make_workspace(vit_bundle, shot_pool=DataSpec(path=str(pool)), apply=ApplySpec(shots=3, epochs=1, augment_scale=1.0),
-                          guard=GuardSpec(min_target_gain_pp=-100.0, max_mean_drop_pp=100.0))
+                          guard=GuardSpec(min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, allow_unguarded=True))
     result = CliRunner().invoke(app, ["bench", "-C", str(root), "--methods", "ln", "--seeds", "1", "--first-seed", "100",
                                       "--lrs", "1e-4,3e-2", "--json"])
     assert result.exit_code == 0, result.output
@@ -84,7 +84,7 @@ def test_a_bench_that_stops_part_way_keeps_the_runs_it_finished(make_workspace, 
 
     pool = tiny.make_folder(tmp_path / "pool", 8, seed=5)
     root = make_workspace(vit_bundle, shot_pool=DataSpec(path=str(pool)), apply=ApplySpec(shots=3, epochs=1, augment_scale=1.0),
-                          guard=GuardSpec(min_target_gain_pp=-100.0, max_mean_drop_pp=100.0))
+                          guard=GuardSpec(min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, allow_unguarded=True))
     real, calls = bench.apply_in_subprocess, []
 
     def second_apply_fails(workspace, method, *args):

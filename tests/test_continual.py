@@ -22,7 +22,7 @@ def _ws(make_workspace, bundle, tmp_path, guard_path=None, apply=FAST, **guard) 
     spec = dict(min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0])
     spec.update(guard)
     return make_workspace(bundle, apply=apply, guard=GuardSpec(
-        suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)], **spec))
+        allow_unguarded=True, suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)], **spec))
 
 
 def _drop(root: Path, seed: int, per_class: int = 4, classes=tiny.CLASSES) -> None:
@@ -82,7 +82,7 @@ def test_class_incremental_rounds_are_each_promoted_and_keep_earlier_fixes(make_
     assert store.versions(ws) == ["v1", "v2"]
     verdict = store.read_verdict(ws, "v2")
     chosen = next(t for t in verdict.trials if t.strength == verdict.strength)
-    earlier = next(s for s in chosen.suites if s.name == "v1-holdout")
+    earlier = next(s for s in chosen.suites if s.name == "history")  # every earlier version's holdout, pooled
     assert earlier.n == 6 and earlier.change_pp >= 0
 
 
@@ -279,7 +279,7 @@ def test_a_holdout_image_is_not_trained_on_through_the_shot_pool_either(make_wor
     guard_set = tiny.make_folder(tmp_path / "guardset", 4, seed=9)
     root = make_workspace(vit_bundle, shot_pool=DataSpec(path=str(pool), name="pool"),  # 8 shots: the whole pool is wanted
                           apply=dataclasses.replace(FAST, shots=8), guard=GuardSpec(
-        suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+        allow_unguarded=True, suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
         min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]))
     shutil.copytree(pool, root / "inbox")  # operators drop images the shot pool also holds
     report = json.loads(_cycle(root).stdout)
@@ -298,7 +298,7 @@ def test_an_accepted_versions_holdout_is_never_trained_on_by_a_cycle(make_worksp
     guard_set = tiny.make_folder(tmp_path / "guardset", 4, seed=9)
     root = make_workspace(vit_bundle, shot_pool=DataSpec(path=str(pool), name="pool"),
                           apply=dataclasses.replace(FAST, shots=3), guard=GuardSpec(
-        suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+        allow_unguarded=True, suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
         min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]))
     for args in (["apply", "--diagnosis", "none"], ["guard"]):
         assert subprocess.run([sys.executable, "-m", "vepatch", *args, "-C", str(root)], capture_output=True).returncode == 0
@@ -357,3 +357,26 @@ def test_replay_balances_earlier_classes_with_tonight_s(make_workspace, vit_bund
     ctx = open_context(root)
     counts = Counter(Path(s.source).parent.name for s in plan_cycle(ctx, unfinished(ctx)).shots.samples)
     assert counts == {"green_circle": 7, "red_square": 7}  # 10 dropped, 3 held out; not 7 and 4
+
+
+def test_a_nights_target_is_judged_on_every_held_out_drop_since_the_last_promotion(make_workspace, vit_bundle, tmp_path):
+    """3 held-out images a night cannot show a gain; the held-out drops of refused nights join
+    the next night's target holdout (never trained on), until a version holds them."""
+    root = _ws(make_workspace, vit_bundle, tmp_path, min_target_gain_pp=100.0)  # no gain can pass: refused
+    ws = Workspace(root)
+    _drop(root, seed=1)
+    first = json.loads(_cycle(root).stdout)
+    assert first["status"] == "refused"
+    night1 = {str(p) for p in ws.cycle_holdout(first["cycle_id"]).rglob("*.png")}
+    assert len(night1) == 3
+    recipe = root / "vepatch.yaml"
+    recipe.write_text(recipe.read_text().replace("min_target_gain_pp: 100.0", "min_target_gain_pp: -100.0"))
+    _drop(root, seed=2)
+    second = json.loads(_cycle(root).stdout)
+    assert second["status"] == "promoted", second
+    held = {str(root / s) for s in _manifest(root, second["candidate_id"]).holdout.sources}
+    assert len(held) == 6 and night1 < held  # tonight's 3 and night 1's 3
+    _drop(root, seed=3)
+    third = json.loads(_cycle(root).stdout)
+    held = {str(root / s) for s in _manifest(root, third["candidate_id"]).holdout.sources}
+    assert len(held) == 3 and not night1 & held  # v1 holds night 1's now: they guard, they are no target

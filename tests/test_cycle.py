@@ -20,7 +20,7 @@ def _cycle_ws(make_workspace, bundle, tmp_path) -> Path:
     root = make_workspace(
         bundle, shot_pool=DataSpec(path=str(pool), name="pool"),
         apply=ApplySpec(shots=4, epochs=1, batch_size=6, rank=2, lora_alpha=2.0, augment_scale=1.0),
-        guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+        guard=GuardSpec(allow_unguarded=True, suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
                         min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]),
     )
     return root
@@ -163,7 +163,7 @@ def test_five_round_stream_keeps_every_accepted_fix(make_workspace, vit_bundle, 
     guard_set = tiny.make_folder(tmp_path / "guardset", 4, seed=9)
     root = make_workspace(
         vit_bundle, apply=ApplySpec(shots=4, epochs=3, batch_size=4, rank=2, lora_alpha=2.0, augment_scale=1.0),
-        guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+        guard=GuardSpec(allow_unguarded=True, suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
                         min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, alpha=1.0),  # every drop counts
     )
     result = CliRunner().invoke(app, ["cycle", "--stream", str(stream), "-C", str(root), "--json"])

@@ -102,3 +102,15 @@ def test_saved_datasets_and_classnames_txt(tmp_path):
     root = tiny.make_folder(tmp_path / "bench", per_class=1, classes=["c0", "c1", "c2"])
     (root / "classnames.txt").write_text("apple\nbanana\ncherry\n")
     assert open_image_set(root).classnames == ["apple", "banana", "cherry"]
+
+
+def test_merged_sets_join_classes_by_name_and_keep_each_image_once():
+    """The guard's history suite: every version's holdout in one set (guard.history_suites)."""
+    from vepatch.data import ImageSet, Sample, merge_sets
+
+    v1 = ImageSet("v1", "/a", ["nominal", "global defect"], [Sample("/a/1.png", 0), Sample("/a/2.png", 1)])
+    v2 = ImageSet("v2", "/b", ["global defect", "local defect"], [Sample("/b/3.png", 1), Sample("/a/2.png", 0)])
+    pooled = merge_sets("history", [v1, v2])
+    assert pooled.name == "history" and pooled.classnames == ["nominal", "global defect", "local defect"]
+    assert [(s.source, pooled.classnames[s.label]) for s in pooled.samples] == [
+        ("/a/1.png", "nominal"), ("/a/2.png", "global defect"), ("/b/3.png", "local defect")]

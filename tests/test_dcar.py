@@ -23,7 +23,7 @@ def _ws(make_workspace, bundle, tmp_path, templates=TEMPLATES, **apply_fields):
                         **apply_fields})
     return make_workspace(
         bundle, templates=list(templates), shot_pool=DataSpec(path=str(pool), name="pool"), apply=spec,
-        guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+        guard=GuardSpec(allow_unguarded=True, suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
                         min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[0.5, 1.0]),
     )
 

@@ -1,79 +1,121 @@
-"""The acceptance rule itself (METHODS.md §3), on planted paired predictions: no model needed."""
+"""The acceptance rule itself (acceptance.py, bounds.py), on planted paired predictions: no model needed."""
+
+import math
 
 import numpy as np
 import pytest
 
+from vepatch import bounds
 from vepatch.data import ImageSet
-from vepatch.guard import Suite, detectable_drop_pp, drop_p, judge
+from vepatch.guard import UNGUARDED, Suite, choose, judge, level_of
 from vepatch.recipe import GuardSpec
+from vepatch.records import StrengthResult
 from vepatch.runtime.passes import Predictions
 
 
-def paired(n: int, lost: int, gained: int) -> tuple[Predictions, Predictions]:
-    """`n` images of one class; the candidate breaks `lost` the baseline had right and fixes `gained`."""
+def paired(n: int, lost: int, gained: int, right: int | None = None) -> tuple[Predictions, Predictions]:
+    """`n` images of one class; the candidate breaks `lost` the baseline had right and fixes
+    `gained`; `right` (default: all but the gained) is how many the baseline has right."""
     labels = np.zeros(n, dtype=np.int64)
-    before = np.zeros(n, dtype=np.int64)
-    before[:gained] = 1  # wrong before, the candidate fixes them
+    before = np.ones(n, dtype=np.int64)  # wrong
+    right = n - gained if right is None else right
+    before[gained:gained + right] = 0  # right before
     after = before.copy()
-    after[:gained] = 0
-    after[gained:gained + lost] = 1  # right before, the candidate breaks them
+    after[:gained] = 0  # fixed
+    after[gained:gained + lost] = 1  # broken
     return Predictions(labels, before), Predictions(labels, after)
 
 
-def verdict(n: int, lost: int, gained: int, bar: float = 1.0, **spec):
-    suite = Suite("g", "guard", ImageSet("g", "", ["a", "b"], []), None, bar)
+def guard_suite(name: str = "g", bar: float = 1.0, holdout: bool = False) -> Suite:
+    return Suite(name, "guard", ImageSet(name, "", ["a", "b"], []), None, bar, holdout=holdout)
+
+
+def verdict(n: int, lost: int, gained: int, bar: float = 1.0, holdout: bool = False, **spec):
+    suite = guard_suite(bar=bar, holdout=holdout)
     b, a = paired(n, lost, gained)
-    return judge([suite], {"g": b}, {"g": a}, GuardSpec(max_mean_drop_pp=100.0, **spec), 1.0).suites[0]
+    spec = {"max_mean_drop_pp": 100.0, "strengths": [1.0], "allow_unguarded": True, **spec}
+    return judge([suite], {"g": b}, {"g": a}, GuardSpec(**spec), 1.0).suites[0]
 
 
-def test_the_test_is_one_sided_and_asks_only_whether_it_got_worse():
-    b, a = paired(100, lost=5, gained=0)
-    assert drop_p(b.correct, a.correct) == pytest.approx(0.5 ** 5)
-    assert drop_p(a.correct, b.correct) == 1.0  # gaining 5 is never a "drop"
+def target(n: int, gained: int, lost: int = 0, right: int = 0, **spec):
+    suite = Suite("target-holdout", "target", ImageSet("t", "", ["a", "b"], []), None, 0.0)
+    b, a = paired(n, lost, gained, right=right)
+    spec = {"strengths": [1.0], "allow_unguarded": True, **spec}
+    return judge([suite], {"target-holdout": b}, {"target-holdout": a}, GuardSpec(**spec), 1.0).suites[0]
 
 
-def test_the_smallest_detectable_drop_follows_the_suite_size():
-    assert detectable_drop_pp(30, 0.05) == pytest.approx(100 * 5 / 30)  # 0.5**5 = 0.031 < 0.05, 0.5**4 is not
-    assert detectable_drop_pp(1000, 0.05) == pytest.approx(0.5)
-    assert detectable_drop_pp(4, 0.05) == float("inf")
+# --- the bound ----------------------------------------------------------------------------
 
 
-def test_a_small_suite_that_loses_four_images_fails():
-    """The defect: 4 lost and 0 gained on 30 images (-13.3 pp, two-sided p = 0.125) passed."""
-    s = verdict(30, lost=4, gained=0)
-    assert not s.passed
-    assert "raw drop decides" in s.why
-    assert s.detectable_pp == pytest.approx(100 * 5 / 30)
+def test_with_no_image_changed_the_bound_is_z_squared_over_n_plus_z_squared():
+    z2 = bounds.z_of(0.05) ** 2
+    for n in (30, 200, 600):
+        assert bounds.drop_upper(bounds.Discordant(n, 0, 0), 0.05) == pytest.approx(z2 / (n + z2), rel=1e-6)
+    assert bounds.fewest_images(0.01, 0.05) == 268  # the smallest suite that can certify 1 pp at all
 
 
-def test_lenient_small_suites_keep_the_test():
-    assert verdict(30, lost=4, gained=0, small_suites="lenient").passed
+def test_the_bound_and_the_non_inferiority_p_say_the_same():
+    for lost, gained in ((0, 0), (5, 2), (30, 18), (12, 0), (3, 9)):
+        c = bounds.Discordant(600, lost, gained)
+        for bar in (0.005, 0.01, 0.02, 0.05):
+            assert (bounds.drop_upper(c, 0.05) <= bar) == (bounds.noninferiority_p(c, bar) < 0.05)
 
 
-def test_a_large_suite_judges_a_drop_by_the_test():
-    assert verdict(1000, lost=12, gained=0).passed is False  # -1.2 pp, p = 0.5**12
-    noisy = verdict(1000, lost=30, gained=18)  # -1.2 pp, but 30 vs 18 losses is not significant
-    assert noisy.passed and "within noise" in noisy.why
+def test_the_bounds_cover_the_true_drop_at_their_level():
+    """Simulated matched pairs: the one-sided 95% upper bound lies below the true drop at most
+    about 5% of the time, on small and large suites and churns."""
+    rng = np.random.default_rng(0)
+    for n, p_lost, p_gained in ((60, 0.05, 0.02), (300, 0.03, 0.03), (600, 0.04, 0.015)):
+        true = p_lost - p_gained
+        counts = rng.multinomial(n, [p_lost, p_gained, 1 - p_lost - p_gained], size=2000)
+        misses = sum(bounds.drop_upper(bounds.Discordant(n, int(lo), int(ga)), 0.05) < true for lo, ga, _ in counts)
+        assert misses / 2000 < 0.065, (n, misses)
 
 
-def test_a_drop_within_the_bar_passes_whatever_the_size():
-    assert verdict(30, lost=1, gained=1).passed
-    assert verdict(1000, lost=5, gained=0).passed  # -0.5 pp < 1 pp
+# --- guard suites ---------------------------------------------------------------------------
 
 
-def test_a_drop_exactly_at_the_bar_passes():
-    assert verdict(200, lost=2, gained=0).passed  # -1.0 pp is not more than 1.0 pp
+def test_a_drop_that_is_not_significant_is_not_kept():
+    """The defect: -2.0 pp (30 lost, 18 gained on 600) passed a 1 pp bar as 'within noise'."""
+    s = verdict(600, lost=30, gained=18)
+    assert not s.passed and not s.certified
+    assert "could be as bad as" in s.why and s.bound_pp < -3.0
 
 
-def test_a_mean_drop_exactly_at_the_mean_bar_passes():
-    """3 of 600 lost is -0.5 pp; in floating point the mean came out as -0.50000000000001 and
-    refused a stream's first round for 'mean guard drop -0.50 pp > 0.50 pp allowed'."""
-    suite = Suite("g", "guard", ImageSet("g", "", ["a", "b"], []), None, 1.0)
-    b, a = paired(600, lost=3, gained=0)
-    result = judge([suite], {"g": b}, {"g": a}, GuardSpec(max_mean_drop_pp=0.5), 1.0)
-    assert result.mean_guard_change_pp == pytest.approx(-0.5) and result.passed, result.why
-    b, a = paired(600, lost=4, gained=0)  # -0.67 pp: beyond it
-    assert not judge([suite], {"g": b}, {"g": a}, GuardSpec(max_mean_drop_pp=0.5), 1.0).passed
+def test_a_large_suite_with_a_small_change_is_certified():
+    s = verdict(1000, lost=3, gained=1)  # -0.2 pp
+    assert s.passed and s.certified and -1.0 <= s.bound_pp < -0.2 and "kept" in s.why
+
+
+def test_a_suite_that_could_certify_its_bar_says_how_many_images_it_needs():
+    s = verdict(600, lost=15, gained=15)  # no net change, but 5% churn: the bound is about -1.6 pp
+    assert not s.passed and s.needed_images > 600 and f"{s.needed_images:,} images" in s.why
+    b, a = paired(s.needed_images, lost=15 * s.needed_images // 600, gained=15 * s.needed_images // 600)
+    bigger = judge([guard_suite()], {"g": b}, {"g": a}, GuardSpec(max_mean_drop_pp=100, strengths=[1.0]), 1.0).suites[0]
+    assert bigger.certified  # the size it named does certify the same churn
+
+
+def test_a_small_suite_is_uncertified_and_vetoes_only_on_evidence():
+    """200 images can never certify 1 pp (268 needed): lenient names it uncertified and refuses
+    only a drop shown beyond the bar; strict refuses it."""
+    quiet = verdict(200, lost=1, gained=0)
+    assert quiet.passed and not quiet.certified and "uncertified" in quiet.why
+    assert not verdict(200, lost=1, gained=0, small_suites="strict").passed
+    loud = verdict(200, lost=20, gained=0)  # -10 pp: shown beyond 1 pp
+    assert not loud.passed and "shown beyond the bar" in loud.why
+
+
+def test_one_image_of_a_nine_image_holdout_does_not_veto():
+    """The defect: losing 1 of a 9-image earlier holdout was -11.1 pp > 1 pp, refused."""
+    assert verdict(9, lost=1, gained=0, holdout=True).passed
+
+
+def test_a_one_image_loss_in_a_pooled_history_is_judged_by_the_pool():
+    """Many nights' holdouts pooled (1,000 images): one image lost keeps the bound within 1 pp;
+    a real drop in the pool still refuses."""
+    kept = verdict(1000, lost=1, gained=0, holdout=True)
+    assert kept.passed and kept.certified
+    assert not verdict(1000, lost=25, gained=0, holdout=True).passed  # -2.5 pp
 
 
 def test_a_suite_the_baseline_reads_at_chance_is_not_judged():
@@ -86,40 +128,92 @@ def test_a_suite_the_baseline_reads_at_chance_is_not_judged():
     after[:10] = (labels[:10] + 1) % k  # 10 of those lost: -5 pp
     suite = Suite("digits", "guard", ImageSet("digits", "", [str(c) for c in range(k)], []), None, 1.0)
     result = judge([suite], {"digits": Predictions(labels, before)}, {"digits": Predictions(labels, after)},
-                   GuardSpec(), 1.0)
-    assert result.passed and "at chance" in result.suites[0].why and result.mean_guard_change_pp == 0.0
+                   GuardSpec(allow_unguarded=True), 1.0)
+    assert result.passed and not result.suites[0].judged and result.mean_guard_change_pp == 0.0
 
 
-def test_an_earlier_versions_holdout_is_judged_however_low_its_accuracy():
-    """Two classes at 50%: chance for a recipe suite, but a version's holdout guards a fix."""
-    labels = np.array([0, 1] * 15)
-    before = labels.copy()
-    before[:15] = 1 - labels[:15]  # 15 of 30 right
-    after = before.copy()
-    after[15:17] = 1 - labels[15:17]  # 2 more lost: -6.7 pp
-    for holdout, judged in ((True, True), (False, False)):
-        suite = Suite("v1-holdout", "guard", ImageSet("v1", "", ["a", "b"], []), None, 1.0, holdout=holdout)
-        result = judge([suite], {"v1-holdout": Predictions(labels, before)}, {"v1-holdout": Predictions(labels, after)},
-                       GuardSpec(max_mean_drop_pp=100.0), 1.0)
-        assert result.passed is not judged
+def test_nothing_guarded_refuses_unless_the_recipe_allows_it():
+    """The defect: a recipe whose suites were all absent or at chance promoted with nothing guarded."""
+    t = Suite("target-holdout", "target", ImageSet("t", "", ["a", "b"], []), None, 0.0)
+    b, a = paired(100, lost=0, gained=60, right=0)
+    preds = ({"target-holdout": b}, {"target-holdout": a})
+    refused = judge([t], *preds, GuardSpec(strengths=[1.0]), 1.0)
+    assert not refused.passed and UNGUARDED in refused.why
+    assert judge([t], *preds, GuardSpec(strengths=[1.0], allow_unguarded=True), 1.0).passed
+    holdout_only = judge([t, guard_suite("history", holdout=True)], {**preds[0], "history": paired(50, 0, 0)[0]},
+                         {**preds[1], "history": paired(50, 0, 0)[1]}, GuardSpec(strengths=[1.0]), 1.0)
+    assert not holdout_only.passed  # earlier holdouts are not a prior task
 
+
+def test_the_mean_of_small_suites_can_certify_what_none_can_alone():
+    suites = [guard_suite(f"g{i}") for i in range(3)]
+    b, a = paired(200, lost=0, gained=0)
+    base, cand = ({s.name: b for s in suites}, {s.name: a for s in suites})
+    result = judge(suites, base, cand, GuardSpec(strengths=[1.0]), 1.0)
+    assert result.passed and not any(s.certified for s in result.suites)
+    assert -1.0 < result.mean_bound_pp < 0 and "could be as bad as" in result.mean_why
+    b, a = paired(200, lost=4, gained=0)  # -2 pp on each: the mean's bound is beyond 1 pp
+    result = judge(suites, {s.name: b for s in suites}, {s.name: a for s in suites}, GuardSpec(strengths=[1.0]), 1.0)
+    assert not result.passed and "mean guard change" in result.why
 
 
 def test_with_the_base_model_s_predictions_small_drops_cannot_add_up():
-    """Night after night -0.5 pp passes a 1 pp bar; against the base model the sum is judged."""
-    suite = Suite("g", "guard", ImageSet("g", "", ["a", "b"], []), None, 1.0)
-    spec = GuardSpec(max_mean_drop_pp=100.0)
+    """Night after night a small drop passes; against the base model the sum is judged."""
+    suite = guard_suite()
+    spec = GuardSpec(max_mean_drop_pp=100.0, strengths=[1.0])
 
     def nights(earlier: int, tonight: int):
-        """The base right on all 600; the baseline lost `earlier`, tonight's candidate `tonight` more."""
-        base, baseline = paired(600, lost=earlier, gained=0)
+        """The base right on all 2000; the baseline lost `earlier`, tonight's candidate `tonight` more."""
+        base, baseline = paired(2000, lost=earlier, gained=0)
         preds = baseline.preds.copy()
         preds[earlier:earlier + tonight] = 1
         return base, baseline, Predictions(baseline.labels, preds)
 
-    base, baseline, cand = nights(6, 3)  # -0.5 pp tonight, -1.5 pp since the base (p = 0.5**9)
+    base, baseline, cand = nights(30, 4)  # -0.2 pp tonight, -1.7 pp since the base
     assert judge([suite], {"g": baseline}, {"g": cand}, spec, 1.0).passed
     result = judge([suite], {"g": baseline}, {"g": cand}, spec, 1.0, root={"g": base})
-    assert not result.passed and result.suites[0].why.startswith("since the base model: drop -1.5 pp")
-    base, baseline, cand = nights(3, 2)  # -0.83 pp since the base: within the bar
-    assert judge([suite], {"g": baseline}, {"g": cand}, spec, 1.0, root={"g": base}).passed
+    assert not result.passed and result.suites[0].why.startswith("since the base model: could be as bad as")
+
+
+# --- the target ----------------------------------------------------------------------------
+
+
+def test_a_one_image_gain_on_a_nine_image_holdout_does_not_pass_the_target():
+    """The defect: +11 pp (1 of 9 fixed) passed the +2 pp bar by its raw size."""
+    s = target(9, gained=1)
+    assert not s.passed and "not shown" in s.why
+    assert target(9, gained=6).passed  # 6 fixed, none broken: p = 1/64 < 0.05
+    assert not target(9, gained=6, strengths=[0.25, 0.5, 0.75, 1.0]).passed  # at 0.05/4 it needs 7
+
+
+def test_a_recipe_asking_no_gain_tests_none():
+    assert target(9, gained=0, min_target_gain_pp=0.0).passed
+
+
+def test_the_target_bound_is_the_least_gain():
+    s = target(180, gained=100, lost=5, right=20)
+    assert s.passed and s.certified and 0 < s.bound_pp < s.change_pp
+
+
+# --- the strength search ------------------------------------------------------------------
+
+
+def test_each_strength_is_tested_at_alpha_over_the_strengths():
+    assert level_of(GuardSpec(alpha=0.05, strengths=[0.25, 0.5, 0.75, 1.0])) == pytest.approx(0.0125)
+    assert level_of(GuardSpec(alpha=0.05, strengths=[1.0])) == pytest.approx(0.05)
+
+
+def test_the_largest_passing_strength_is_chosen():
+    def trial(strength, passed, gain):
+        return StrengthResult(strength, [], 0.0, passed, "")
+
+    trials = [trial(1.0, False, 9), trial(0.75, True, 5), trial(0.5, True, 8)]
+    assert choose(trials).strength == 0.75
+    assert choose([trial(1.0, False, 9)]) is None
+
+
+def test_every_bound_is_finite_and_in_range():
+    for n, lost, gained in ((1, 0, 0), (1, 1, 0), (1, 0, 1), (5, 5, 0), (5, 0, 5), (100, 50, 50)):
+        c = bounds.Discordant(n, lost, gained)
+        lo, up = bounds.drop_lower(c, 0.05), bounds.drop_upper(c, 0.05)
+        assert -1.0 <= lo <= c.drop <= up <= 1.0 and math.isfinite(lo) and math.isfinite(up)

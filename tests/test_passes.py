@@ -125,7 +125,7 @@ def test_torchrun_sharded_guard_equals_one_process(make_workspace, vit_bundle, t
     root = make_workspace(
         vit_bundle, shot_pool=DataSpec(path=str(pool), name="pool"), batch_size=4,
         apply=ApplySpec(shots=6, epochs=2, batch_size=6, lr=3e-3, rank=4, lora_alpha=4.0),
-        guard=GS(suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+        guard=GS(allow_unguarded=True, suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
                  min_target_gain_pp=-100.0, max_mean_drop_pp=100.0),
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

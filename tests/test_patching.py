@@ -22,7 +22,7 @@ def _ws(make_workspace, bundle, tmp_path, **apply_fields):
     spec = ApplySpec(**{"shots": 6, "epochs": 6, "batch_size": 6, "lr": 3e-3, "rank": 4, "lora_alpha": 4.0, **apply_fields})
     return make_workspace(
         bundle, shot_pool=DataSpec(path=str(pool), name="pool"), apply=spec,
-        guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+        guard=GuardSpec(allow_unguarded=True, suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
                         min_target_gain_pp=-100.0, max_mean_drop_pp=100.0),
     )
 
@@ -361,7 +361,7 @@ def test_a_moved_workspace_keeps_its_holdouts(make_workspace, vit_bundle, tmp_pa
 
     root = make_workspace(vit_bundle, shot_pool=DataSpec(path="pool", name="pool"),
                           apply=ApplySpec(shots=6, epochs=1, batch_size=6, augment_scale=1.0),
-                          guard=GuardSpec(min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0],
+                          guard=GuardSpec(min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0], allow_unguarded=True,
                                           holdout_max_drop_pp=100.0))
     tiny.make_folder(root / "pool", 14, seed=5)
     assert _invoke("apply", "-C", str(root), "--diagnosis", "none")[0].exit_code == 0
@@ -372,7 +372,7 @@ def test_a_moved_workspace_keeps_its_holdouts(make_workspace, vit_bundle, tmp_pa
     result, report = _invoke("guard", "-C", str(moved), "--json")
     assert result.exit_code == 0, result.output
     names = {s["name"] for s in report["trials"][0]["suites"]}
-    assert "v1-holdout" in names
+    assert "history" in names
 
 
 def test_gc_lists_then_removes_refused_promoted_and_bench_candidates_never_a_version(make_workspace, vit_bundle, tmp_path):

@@ -19,7 +19,7 @@ def _ws(make_workspace, bundle, tmp_path, **apply_fields):
     spec = ApplySpec(**{"shots": 6, "epochs": 4, "batch_size": 6, "lr": 3e-3, "rank": 4, "lora_alpha": 4.0, **apply_fields})
     return make_workspace(
         bundle, shot_pool=DataSpec(path=str(pool), name="pool"), apply=spec,
-        guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0,
+        guard=GuardSpec(allow_unguarded=True, suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0,
                                            templates=["itap of a {}."])],
                         min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]),
     )
@@ -155,10 +155,10 @@ def test_a_prompt_patch_is_guarded_with_heads_remade_per_strength_from_one_read_
         return out
 
     monkeypatch.setattr(guard, "with_heads", counted)
-    fast = guard.search_strengths(loaded, delta, suites, spec, 4, "cpu")
+    fast = guard.search_strengths(loaded, delta, suites, spec, 4, "cpu", every=True)
     assert len(reads) == 3  # 12 images in batches of 4, read once for the baseline and both strengths
     assert remade == [True, True]  # each strength's heads made again, and changed
-    plain = guard.search_strengths(loaded, delta, suites, spec, 4, "cpu", keep_bytes=0)
+    plain = guard.search_strengths(loaded, delta, suites, spec, 4, "cpu", keep_bytes=0, every=True)
     assert fast[0] == plain[0]
     for k in plain[1]:
         assert np.array_equal(fast[1][k]["set"].preds, plain[1][k]["set"].preds)

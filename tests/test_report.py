@@ -24,7 +24,7 @@ def judged(make_workspace, vit_bundle, tmp_path):
     guard_set = tiny.make_folder(tmp_path / "guardset", 6, seed=9)
     root = make_workspace(vit_bundle, shot_pool=DataSpec(path=str(pool), name="pool"),
                           apply=ApplySpec(shots=5, epochs=4, batch_size=5, lr=3e-2, augment_scale=1.0),
-                          guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+                          guard=GuardSpec(allow_unguarded=True, suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
                                           min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]))
     errors = tiny.make_folder(tmp_path / "errors", 4, seed=11)
     diag = runner.invoke(app, ["diagnose", str(errors), "-C", str(root), "--report", str(tmp_path / "diagnosis.html")])

@@ -38,10 +38,10 @@ def test_speed_command_and_guard_timing(make_workspace, vit_bundle, tmp_path):
     root = make_workspace(
         vit_bundle, shot_pool=DataSpec(path=str(tiny.make_folder(tmp_path / "pool", 10, seed=5)), name="pool"),
         apply=ApplySpec(shots=4, epochs=1, batch_size=4),
-        guard=GuardSpec(suites=[GuardSuite(path=str(tiny.make_folder(tmp_path / "g", 5, seed=9)), name="g", max_drop_pp=100.0)]),
+        guard=GuardSpec(allow_unguarded=True, suites=[GuardSuite(path=str(tiny.make_folder(tmp_path / "g", 5, seed=9)), name="g", max_drop_pp=100.0)], min_target_gain_pp=-100.0),
     )
     assert runner.invoke(app, ["apply", "-C", str(root), "--diagnosis", "none"]).exit_code == 0
     result = runner.invoke(app, ["speed", "--guard", "latest", "-C", str(root), "--json"])
     assert result.exit_code == 0, result.output
     timing = json.loads(result.stdout)
-    assert timing["identical"] and timing["passes"] == 5 and timing["images"] == 15 + 18
+    assert timing["identical"] and timing["passes"] == 2 and timing["every_strength_passes"] == 5 and timing["images"] == 15 + 18

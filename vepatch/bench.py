@@ -20,7 +20,7 @@ from ._typed import from_plain, to_plain
 from .context import Context
 from .errors import UsageError, VepatchError
 from .fsio import write_text_atomic
-from .guard import choose, guard_suites, mcnemar_p, search_strengths
+from .guard import choose, guard_suites, level_of, mcnemar_p, search_strengths
 from .report import bench_page
 from .records import PatchManifest
 from .runtime.passes import Scores
@@ -108,7 +108,8 @@ def _run_bench(ctx: Context, methods: list[str], seeds: list[int], shots: int, e
             # scored at strength 1 and at the strength the guard's own search would promote
             spec = ctx.recipe.guard
             trials, preds, base = search_strengths(parent, delta, suites, dataclasses.replace(
-                spec, strengths=sorted({*spec.strengths, 1.0})), ctx.recipe.batch_size, ctx.device, cache=cache)
+                spec, strengths=sorted({*spec.strengths, 1.0})), ctx.recipe.batch_size, ctx.device, cache=cache,
+                level=level_of(spec), every=True)
             after = preds[1.0]
             best = choose([t for t in trials if t.strength in spec.strengths])
             guards = [s.name for s in suites if s.role == "guard"]

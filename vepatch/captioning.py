@@ -165,34 +165,12 @@ def mean_likelihood(loaded, images, batch_size: int, device: str) -> float:
     return scores(loaded, SuiteInputs(images, loaded.preprocess, batch_size), device).accuracy
 
 
-def drop_p(before: Scores, after: Scores) -> float:
-    """One-sided Wilcoxon signed-rank test on the paired per-image values that the candidate's
-    are lower (1.0 when none changed; unchanged images are left out, scipy's 'wilcox')."""
-    from scipy.stats import wilcoxon
-
-    diff = after.values - before.values
-    if not diff.any():
-        return 1.0
-    return float(wilcoxon(diff, alternative="less", zero_method="wilcox").pvalue)
-
-
 def paired_p(before: Scores, after: Scores) -> float:
-    """The two-sided version (the bench reports whether a suite changed, either way)."""
+    """Two-sided Wilcoxon signed-rank test on the paired per-image values (the bench reports
+    whether a suite changed, either way; the guard bounds the change: bounds.values_drop_bounds)."""
     from scipy.stats import wilcoxon
 
     diff = after.values - before.values
     return float(wilcoxon(diff, zero_method="wilcox").pvalue) if diff.any() else 1.0
 
 
-def detectable_drop_pp(n: int, alpha: float) -> float:
-    """The small-suite rule's measure for a captioning row. The classification rule asks for the
-    smallest drop McNemar can call real on n images (k images lost, none gained: p = 0.5**k).
-    Its honest analogue here: the exact signed-rank test's smallest p on n images is 0.5**n
-    (every image lower), whatever the sizes of the changes, so from the same k images on
-    (5 at alpha 0.05) it can call a consistent drop of any size real: no drop in pp is beyond
-    it (0.0). On fewer images it can call nothing real (inf), and under `small_suites: strict`
-    the raw drop decides, as for a classification suite too small for its bar."""
-    k = 1
-    while 0.5 ** k >= alpha:
-        k += 1
-    return 0.0 if n >= k else math.inf

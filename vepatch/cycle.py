@@ -271,9 +271,22 @@ def version_holdouts(ctx: Context) -> set[str]:
 
 
 def holdout_set(ctx: Context, state: CycleState) -> ImageSet:
-    """The cycle's target holdout, from its own copy of the images."""
-    folder, classes = ctx.workspace.cycle_holdout(state.cycle_id), list(ctx.recipe.classes)
-    return ImageSet("target-holdout", str(folder), classes, staged_samples(folder, classes))
+    """The cycle's target holdout, from its own copy of the images, and every earlier night's
+    held-out drop of tonight's classes that no accepted version holds (nights refused, or
+    already right): never trained on, so they can still show a fix. A night of 3 images a
+    class cannot show a gain by itself (README "Guard statistics"); the nights since the last
+    promotion together can. Empty when tonight set nothing aside."""
+    ws, classes = ctx.workspace, list(ctx.recipe.classes)
+    folder = ws.cycle_holdout(state.cycle_id)
+    samples = staged_samples(folder, classes)
+    if samples:
+        tonight = {x.label for x in samples}
+        held = {ws.portable(s) for v in store.versions(ws) for s in store.read_manifest(ws, v).holdout.sources}
+        for earlier in states(ctx):
+            if earlier.cycle_id < state.cycle_id and earlier.step == "done" and not earlier.accepted:
+                samples += [x for x in staged_samples(ws.cycle_holdout(earlier.cycle_id), classes)
+                            if x.label in tonight and ws.portable(x.source) not in held]
+    return ImageSet("target-holdout", str(folder), classes, samples)
 
 
 def _record_failure(ctx: Context, state: CycleState, exc: Exception) -> bool:

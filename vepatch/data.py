@@ -108,14 +108,20 @@ def class_of_folder(folder: str, classnames: Sequence[str], folders: dict[str, s
 
 
 def merge_sets(name: str, sets: Sequence[ImageSet]) -> ImageSet:
-    """One set of every image of `sets`, their class names joined in order (labels re-indexed).
-    A set read from a saved `datasets` dataset cannot share its rows with files: it is returned alone."""
+    """One set of every image of `sets`, their class names joined in order of first appearance
+    (labels re-indexed), each source once. Rows of one saved `datasets` dataset pool together; a
+    dataset's rows cannot share a set with files or another dataset's: the first dataset's set
+    is returned alone."""
     backed = [s for s in sets if s.dataset is not None]
-    if len(sets) == 1 or backed:
-        return (backed or list(sets))[0]
+    if backed and (len(backed) < len(sets) or len({s.root for s in backed}) > 1):
+        return backed[0]
     classnames = list(dict.fromkeys(c for s in sets for c in s.classnames))
-    samples = [Sample(x.source, classnames.index(s.classnames[x.label])) for s in sets for x in s.samples]
-    return ImageSet(name, sets[0].root, classnames, samples)
+    samples: dict[str, Sample] = {}  # by source, the first one kept
+    for s in sets:
+        for x in s.samples:
+            samples.setdefault(x.source, Sample(x.source, classnames.index(s.classnames[x.label])))
+    first = sets[0] if sets else ImageSet(name, "", [], [])
+    return ImageSet(name, first.root, classnames, list(samples.values()), [], first.dataset, first.image_column)
 
 
 def open_image_set(

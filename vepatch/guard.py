@@ -1,6 +1,8 @@
 """`vepatch guard`: paired evaluation of baseline and candidate on the target holdout, every
-guard suite and every earlier accepted holdout; the acceptance rule (METHODS.md §3); the
-strength search over lambda (PAINT / WiSE-FT); promotion of the chosen strength to vN."""
+guard suite and the pooled holdouts of earlier accepted versions; the acceptance rule
+(acceptance.py, METHODS.md §3); the strength search over lambda (PAINT / WiSE-FT), tested
+from the largest strength down, each at guard.alpha / the number of strengths, stopping at the
+first that passes; promotion of that strength to vN."""
 
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ import numpy as np
 import torch
 from scipy.stats import binomtest
 
+from . import acceptance as rules
 from . import captioning, clock, evidence, progress, store
 from .context import Context, open_guard_suite
-from .data import ImageSet, open_holdout
+from .data import ImageSet, merge_sets, open_holdout
 from .delta import Delta, apply_delta, patched_fingerprint, restore
 from .evidence import Evidence, SuiteEvidence
 from .evaluate import predict
@@ -24,7 +27,7 @@ from .models.heads import text_head
 from .models.towers import describe_tower
 from .recipe import GuardSpec
 from .retrieval import CAPTION_TEMPLATE, Row, query_sources, row_predictions, rows_for
-from .records import ClassOutcome, GuardReport, PatchManifest, StrengthResult, SuiteResult
+from .records import UNGUARDED, ClassOutcome, GuardReport, PatchManifest, StrengthResult
 from .runtime import distributed
 from .runtime.passes import DEFAULT_BUDGET_BYTES, FEATURES, Budget, Measured, Predictions, Scores, SuiteInputs, outputs
 from .runtime.predcache import PredictionCache, key
@@ -37,7 +40,7 @@ class Suite:
     images: ImageSet
     head: torch.Tensor
     max_drop_pp: float
-    holdout: bool = False  # an earlier version's holdout: always judged (it was a fix when accepted)
+    holdout: bool = False  # earlier versions' holdouts, pooled: always judged (they were fixes when accepted)
     row: Optional[Row] = None  # a retrieval suite's direction and K (head: its caption embeddings)
     group: str = ""  # the retrieval suite whose images this row ranks ('' = the suite's own name)
     templates: tuple[str, ...] = ()  # what `head` was made from (with the class names): a prompt patch remakes it
@@ -84,31 +87,13 @@ def evaluate_suites(suites: list[Suite], classify: Callable[[Suite], Predictions
 
 
 def mcnemar_p(before: np.ndarray, after: np.ndarray) -> float:
-    """Exact two-sided McNemar test on paired correctness (1.0 when nothing changed)."""
+    """Exact two-sided McNemar test on paired correctness (1.0 when nothing changed): the bench's
+    "did it change either way"."""
     lost = int((before & ~after).sum())
     gained = int((~before & after).sum())
     if lost + gained == 0:
         return 1.0
     return float(binomtest(min(lost, gained), lost + gained, 0.5).pvalue)
-
-
-def drop_p(before: np.ndarray, after: np.ndarray) -> float:
-    """Exact one-sided McNemar test that the candidate loses more images than it gains
-    (1.0 when nothing changed): the guard's question is only ever "did it get worse?"."""
-    lost = int((before & ~after).sum())
-    gained = int((~before & after).sum())
-    if lost + gained == 0:
-        return 1.0
-    return float(binomtest(lost, lost + gained, 0.5, alternative="greater").pvalue)
-
-
-def detectable_drop_pp(n: int, alpha: float) -> float:
-    """The smallest drop (pp) `drop_p` can call real on `n` images: k lost and none gained
-    gives p = 0.5**k, so k = the fewest losses with 0.5**k < alpha (inf when k > n)."""
-    k = 1
-    while 0.5 ** k >= alpha:
-        k += 1
-    return 100.0 * k / n if 0 < k <= n else float("inf")
 
 
 def at_chance(suite: Suite, baseline: Predictions, alpha: float = 0.05) -> bool:
@@ -120,59 +105,47 @@ def at_chance(suite: Suite, baseline: Predictions, alpha: float = 0.05) -> bool:
     return binomtest(int(baseline.correct.sum()), n, 1.0 / k, alternative="greater").pvalue >= alpha
 
 
-def paired_change(b: Measured, a: Measured, alpha: float) -> tuple[float, float, float]:
-    """From b to a: the change in pp, the one-sided p of a drop, the smallest drop this size can detect."""
-    change = 100 * (a.accuracy - b.accuracy)
-    if isinstance(b, Scores):  # per-image values, not right or wrong: the signed-rank test and its size rule
-        return change, captioning.drop_p(b, a), captioning.detectable_drop_pp(len(b.labels), alpha)
-    return change, drop_p(b.correct, a.correct), detectable_drop_pp(len(b.labels), alpha)
-
-
-def within_bar(n: int, change: float, p: float, detectable: float, bar: float, spec: GuardSpec) -> tuple[bool, str]:
-    """A drop beyond `bar` counts if the paired test says so at guard.alpha or, for a suite too
-    small to detect its bar (small_suites: strict), by its raw size."""
-    too_small = detectable > bar and spec.small_suites == "strict"
-    over_bar = -change > bar + 1e-9  # 2 images of 200 is a 1.0 pp drop, not more
-    passed = not (over_bar and (too_small or p < spec.alpha))
-    if not over_bar:
-        return passed, "kept"
-    if passed:
-        return passed, f"drop {change:+.1f} pp within noise (p={p:.2f})"
-    if too_small:
-        return passed, (f"drop {change:+.1f} pp > {bar:.1f} pp allowed ({n} images cannot tell "
-                        f"less than {detectable:.1f} pp from noise, so the raw drop decides)")
-    return passed, f"drop {change:+.1f} pp > {bar:.1f} pp allowed (p={p:.3f})"
+def level_of(spec: GuardSpec) -> float:
+    """The level each strength is tested at: guard.alpha split over the strengths the search may
+    try (Bonferroni), so the verdict's error rates hold whichever strength it stops at."""
+    return spec.alpha / len(spec.strengths)
 
 
 def judge(suites: list[Suite], base: dict[str, Measured], cand: dict[str, Measured], spec: GuardSpec, strength: float,
-          root: dict[str, Measured] | None = None) -> StrengthResult:
-    """Every suite against the baseline. With `root` (the base model's predictions on the
-    recipe's guard suites: guard.cumulative), each of those suites' bars also holds against the
-    base model, so drops that each night allows cannot add up over many nights."""
-    results, guard_changes = [], []
+          root: dict[str, Measured] | None = None, level: float | None = None) -> StrengthResult:
+    """Every suite against the baseline at one strength, each test at `level` (default
+    `level_of(spec)`). The target must show its gain (rules.judge_target); every guard suite
+    and the mean over the recipe's suites must show that the drop is within its bar (the upper
+    bound, rules.judge_drop). With `root` (the base model's predictions on the recipe's guard
+    suites: guard.cumulative), each of those suites' bars also holds against the base model,
+    so drops that each night allows cannot add up over many nights."""
+    level = level_of(spec) if level is None else level
+    results, prior = [], []
     for s in suites:
         b, a = base[s.name], cand[s.name]
-        change, p, detectable = paired_change(b, a, spec.alpha)
         if s.role == "target":
-            passed = change >= spec.min_target_gain_pp
-            why = "gain ok" if passed else f"gain {change:+.1f} pp < required {spec.min_target_gain_pp:+.1f} pp"
-        elif at_chance(s, b, spec.alpha):  # its changes are noise: reported, never judged, not in the mean
-            passed, why = True, "baseline at chance: not judged"
-        else:
-            guard_changes.append(change)
-            passed, why = within_bar(len(b.labels), change, p, detectable, s.max_drop_pp, spec)
-            r = root.get(s.name) if root else None
-            if passed and r is not None and not at_chance(s, r, spec.alpha):
-                passed, since = within_bar(len(r.labels), *paired_change(r, a, spec.alpha), s.max_drop_pp, spec)
-                why = why if passed else f"since the base model: {since}"
-        results.append(SuiteResult(s.name, s.role, len(b.labels), b.accuracy, a.accuracy, change, p, passed, why,
-                                   detectable))
-    mean_change = float(np.mean(guard_changes)) if guard_changes else 0.0
+            results.append(rules.judge_target(s.name, b, a, spec, level))
+            continue
+        if at_chance(s, b, spec.alpha):  # its changes are noise: reported, never judged, not in the mean
+            results.append(rules.unjudged(s.name, b, a, "baseline at chance: not judged"))
+            continue
+        result, change = rules.judge_drop(s.name, b, a, s.max_drop_pp, spec, level, caption=s.caption)
+        r = root.get(s.name) if root else None
+        if result.passed and r is not None and not at_chance(s, r, spec.alpha):
+            since, _ = rules.judge_drop(s.name, r, a, s.max_drop_pp, spec, level, caption=s.caption)
+            if not since.passed:
+                result = dataclasses.replace(result, passed=False, why=f"since the base model: {since.why}")
+        results.append(result)
+        if not s.holdout:
+            prior.append(change)
     reasons = [f"{r.name}: {r.why}" for r in results if not r.passed]
-    if -mean_change > spec.max_mean_drop_pp + 1e-9:  # as for a suite: a mean drop at the bar passes
-        reasons.append(f"mean guard drop {mean_change:+.2f} pp > {spec.max_mean_drop_pp:.2f} pp allowed")
-    passed = not reasons
-    return StrengthResult(strength, results, mean_change, passed, "; ".join(reasons) or "all checks pass")
+    mean = rules.judge_mean(prior, spec, level)
+    if not mean.passed:
+        reasons.append(mean.why)
+    if not prior and not spec.allow_unguarded:
+        reasons.append(UNGUARDED)
+    return StrengthResult(strength, results, mean.change_pp, not reasons, "; ".join(reasons) or "all checks pass",
+                          level, mean.bound_pp, mean.why)
 
 
 def keep_predictions(cache: PredictionCache, fingerprint: str, loaded: LoadedModel, suites: list[Suite],
@@ -214,12 +187,15 @@ def search_strengths(
     baseline: LoadedModel, delta: Delta, suites: list[Suite], spec: GuardSpec, batch_size: int, device: str,
     base_predictions: dict[str, Measured] | None = None, cache: PredictionCache | None = None,
     keep_bytes: int = DEFAULT_BUDGET_BYTES, root: dict[str, Measured] | None = None,
+    level: float | None = None, every: bool = False,
 ) -> tuple[list[StrengthResult], dict[float, dict[str, Measured]], dict[str, Measured]]:
-    """Evaluate baseline once and baseline + lambda * delta for every lambda, in this process,
-    same device and batches. Each suite is read once: its inputs at the first module the delta
-    touches are kept (within `keep_bytes`) and every pass runs only the rest of the tower; the
-    baseline's predictions come from `cache` when it has them; `root`: see judge. Returns the
-    trials, the candidates' predictions, the baseline's."""
+    """Evaluate baseline once and baseline + lambda * delta from the largest lambda down, in this
+    process, same device and batches, each judged at `level` (default level_of(spec)); stop at
+    the first strength that passes (`every`: evaluate them all, as the bench does). Each suite is
+    read once: its inputs at the first module the delta touches are kept (within `keep_bytes`)
+    and every pass runs only the rest of the tower; the baseline's predictions come from `cache`
+    when it has them; `root`: see judge. Returns the trials, the candidates' predictions, the
+    baseline's."""
     entry = "" if not keep_bytes else (describe_tower(baseline.model).entry_for(delta.params)
                                        if any(p.startswith("visual.") for p in delta.params) else FEATURES)
     budget = Budget(keep_bytes)
@@ -246,20 +222,21 @@ def search_strengths(
             preds[strength] = evaluate_suites(with_heads(baseline, suites) if delta.touches_text else suites, run, embed, score)
         finally:
             restore(baseline.model, originals)
-        trials.append(judge(suites, base, preds[strength], spec, strength, root))
+        trials.append(judge(suites, base, preds[strength], spec, strength, root, level))
+        if not every and (trials[-1].passed or UNGUARDED in trials[-1].why):  # no smaller strength can be guarded either
+            progress.advance((len(spec.strengths) - len(trials)) * images_per_pass(suites))  # the passes not needed
+            break
     return trials, preds, base
 
 
-def target_gain(trial: StrengthResult) -> float:
-    return sum(s.change_pp for s in trial.suites if s.role == "target")
+CHOICE_RULE = "the largest strength that passes, tried from λ {top:g} down, each at α {alpha:g}/{m} = {level:.3g}"
 
 
 def choose(trials: list[StrengthResult]) -> StrengthResult | None:
-    """The passing strength with the best target gain; ties go to the smaller guard drop."""
+    """The largest passing strength: the search tests from the largest down and each test is
+    at level_of(spec), so this is the choice whose error rates the verdict states."""
     passing = [t for t in trials if t.passed]
-    if not passing:
-        return None
-    return max(passing, key=lambda t: (round(target_gain(t), 6), t.mean_guard_change_pp, -t.strength))
+    return max(passing, key=lambda t: t.strength) if passing else None
 
 
 def class_outcomes(images: ImageSet, before: Predictions, after: Predictions) -> list[ClassOutcome]:
@@ -322,12 +299,28 @@ def guard_suites(ctx: Context, loaded: LoadedModel, manifest: PatchManifest, bas
             continue
         suites.append(Suite(images.name, "guard", images, text_head(loaded, images.classnames, spec.templates), spec.max_drop_pp,
                             templates=tuple(spec.templates)))
+    suites += history_suites(ctx, loaded, baseline)
+    return suites, notes
+
+
+HISTORY = "history"
+
+
+def history_suites(ctx: Context, loaded: LoadedModel, baseline: str) -> list[Suite]:
+    """The holdouts of every version in `baseline`'s chain, pooled into one growing suite (one
+    per set of templates, should the recipe's have changed), judged by its bound against
+    guard.holdout_max_drop_pp: one tiny holdout per night would veto by a single image."""
+    groups: dict[tuple, list[ImageSet]] = {}
     for v in store.chain(ctx.workspace, baseline):
         ref = store.read_manifest(ctx.workspace, v).holdout
-        images = open_holdout(dataclasses.replace(ref, name=f"{v}-holdout"), ctx.workspace.root)
-        suites.append(Suite(images.name, "guard", images, text_head(loaded, images.classnames, ref.templates),
-                            recipe.guard.holdout_max_drop_pp, holdout=True, templates=tuple(ref.templates)))
-    return suites, notes
+        images = open_holdout(ref, ctx.workspace.root)  # rows of one saved dataset pool only with that dataset's
+        groups.setdefault((tuple(ref.templates), images.root if images.dataset is not None else ""), []).append(images)
+    suites = []
+    for i, ((templates, _), sets) in enumerate(groups.items()):
+        images = merge_sets(HISTORY if i == 0 else f"{HISTORY}-{i + 1}", sets)
+        suites.append(Suite(images.name, "guard", images, text_head(loaded, images.classnames, list(templates)),
+                            ctx.recipe.guard.holdout_max_drop_pp, holdout=True, templates=templates))
+    return suites
 
 
 def run_guard(ctx: Context, candidate_id: Optional[str], baseline: Optional[str], make_current: bool = True) -> GuardReport:
@@ -353,7 +346,7 @@ def _judge(ctx: Context, candidate_id: Optional[str], baseline: Optional[str], m
     spec, bs = ctx.recipe.guard, ctx.recipe.batch_size
     # guard.cumulative: the recipe's suites are also held against the base model (see judge)
     lasting = [s for s in suites if s.role == "guard" and not s.holdout] if spec.cumulative and baseline != "base" else []
-    passes = 1 + len(spec.strengths) + (baseline != manifest.parent)
+    passes = 1 + len(spec.strengths) + (baseline != manifest.parent)  # at most: the search stops at the first pass
     progress.begin("guard", passes * images_per_pass(suites) + images_per_pass(lasting))
     base_predictions, root, cache = None, None, ctx.prediction_cache()
     if baseline != manifest.parent:
@@ -367,16 +360,20 @@ def _judge(ctx: Context, candidate_id: Optional[str], baseline: Optional[str], m
               f"{len(s.images.classnames)} classes), so it guards nothing and is not judged" for s in suites
               if at_chance(s, base[s.name], spec.alpha)]
     best = choose(trials)
-    shown = best or max(trials, key=target_gain)  # a refusal still says what the best try did
+    shown = best or max(trials, key=lambda t: t.target_gain_pp)  # a refusal still says what the best try did
+    tried = {t.strength for t in trials}
     report = GuardReport(
         candidate_id=manifest.candidate_id, baseline=baseline,
         baseline_fingerprint=ctx.model(baseline)[0].fingerprint, accepted=best is not None,
         strength=best.strength if best else 0.0, trials=trials,
-        reason=(f"accepted at strength {best.strength}" if best else "refused: no strength passes: " + trials[-1].why)
+        reason=(f"accepted at strength {best.strength}" if best else
+                "refused: no strength passes: " + "; ".join(f"λ {t.strength:g}: {t.first_failure}" for t in trials))
         + ("" if not notes else " [" + "; ".join(notes) + "]"),
         predictions_sha256={k: predictions_hash(v) for k, v in (preds[best.strength] if best else base).items()},
         created=clock.stamp(),
         target_outcomes=class_outcomes(suites[0].images, base[suites[0].name], preds[shown.strength][suites[0].name]),
+        rule=CHOICE_RULE.format(top=max(spec.strengths), alpha=spec.alpha, m=len(spec.strengths), level=level_of(spec)),
+        untried=sorted((x for x in spec.strengths if x not in tried), reverse=True) if best else [],
     )
     if not distributed.is_writer():  # under torchrun, rank 0 alone writes
         return report

@@ -190,25 +190,47 @@ class PatchManifest:
 
 @dataclass(frozen=True)
 class SuiteResult:
+    """One suite at one strength. A guard row passes when the one-sided upper bound of its drop
+    is within its bar (acceptance.py); the target when its gain is shown by a one-sided test."""
+
     name: str
     role: Literal["target", "guard"]
     n: int
     before: float
     after: float
     change_pp: float
-    p_value: float  # one-sided exact McNemar test (lost > gained) on the paired disagreements (a captioning row: one-sided Wilcoxon signed-rank on the per-image likelihoods)
+    p_value: float  # target: exact one-sided McNemar p of a gain; guard: p of "the drop is at or beyond the bar" (Tango's score test; a captioning row: the bootstrap's share)
     passed: bool
     why: str
-    detectable_pp: float = 0.0  # the smallest drop this suite's size lets the test call real at guard.alpha
+    bound_pp: float = 0.0  # the one-sided bound at the strength's level: guard: the change could be as bad as this; target: the gain is at least this
+    bar_pp: float = 0.0  # guard: the drop allowed; target: the gain required
+    certified: bool = False  # guard: the bound is within the bar; target: the gain is shown (p below the level, gain at least required)
+    needed_images: int = 0  # guard, not certified: images a suite needs to certify its bar at this churn and drop (-1: no size can)
+    judged: bool = True  # False: reported only (the baseline reads the suite at chance)
 
 
 @dataclass(frozen=True)
 class StrengthResult:
     strength: float
     suites: list[SuiteResult]
-    mean_guard_change_pp: float
+    mean_guard_change_pp: float  # over the recipe's judged guard suites (not earlier holdouts)
     passed: bool
     why: str
+    level: float = 0.05  # each test's level at this strength: guard.alpha / the number of strengths the search may try
+    mean_bound_pp: float = 0.0  # the mean change could be as bad as this (MOVER over the suites' bounds)
+    mean_why: str = ""
+
+    @property
+    def target_gain_pp(self) -> float:
+        return sum(s.change_pp for s in self.suites if s.role == "target")
+
+    @property
+    def first_failure(self) -> str:
+        """The first check that failed at this strength, in words ('' when it passed)."""
+        if self.passed:
+            return ""
+        failed = next((r for r in self.suites if not r.passed), None)
+        return f"{failed.name}: {failed.why}" if failed is not None else self.why
 
 
 @dataclass(frozen=True)
@@ -221,6 +243,12 @@ class ClassOutcome:
     still_wrong: int  # wrong before and after
     newly_wrong: int  # right before, wrong after
     kept_right: int  # right before and after
+
+
+UNGUARDED = ("nothing guarded: no prior-task suite was judged (every one absent, skipped or read at chance by the "
+             "baseline)")
+UNGUARDED_FIX = ("add a guard suite the model reads above chance (guard.suites in vepatch.yaml; e.g. builtin:fashion-mnist), "
+                 "or set guard.allow_unguarded: true to promote without one")
 
 
 @dataclass(frozen=True)
@@ -238,6 +266,8 @@ class GuardReport:
     created: str
     version: str = ""  # the version written, when accepted
     target_outcomes: list[ClassOutcome] = field(default_factory=list)  # per class, at the chosen strength (refused: the best try)
+    rule: str = ""  # how the strength was chosen, in words
+    untried: list[float] = field(default_factory=list)  # strengths the search did not need (a larger one passed)
     schema_version: int = SCHEMA_VERSION
 
 

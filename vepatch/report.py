@@ -156,24 +156,32 @@ def suites_table(report: GuardReport, proof: Evidence) -> str:
         r = results.get(s.name)
         verdict = "" if r is None else (f"<span class={'ok' if r.passed else 'bad'}>{'ok' if r.passed else 'FAIL'}</span>: "
                                         f"{escape(r.why)}")
-        detects = "-" if r is None or s.role == "target" or not r.detectable_pp else f"≥{r.detectable_pp:.1f} pp"
         if s.scores:  # mean caption likelihoods (no binomial interval for a mean of values); fixed/broke: rose/fell
             before, after = f"{100 * np.mean(s.before):.1f}%", f"{100 * np.mean(s.after):.1f}%"
             change = 100 * (np.mean(s.after) - np.mean(s.before)) if len(s.labels) else 0.0
         else:
             before, after = pct_ci(s.before == s.labels), pct_ci(s.after == s.labels)
             change = 100 * (np.mean(s.after == s.labels) - np.mean(s.before == s.labels)) if len(s.labels) else 0.0
+        judged = r is not None and r.judged
+        bound = f"{r.bound_pp:+.1f} pp" if judged else "-"
+        bar = "-" if not judged else (f"≥ {r.bar_pp:+.1f} pp" if s.role == "target" else f"−{r.bar_pp:g} pp")
         rows.append([escape(s.name), s.role, str(len(s.labels)), before, after,
-                     f"{change:+.1f} pp", str(len(s.fixed)), str(len(s.broke)),
-                     "-" if r is None or s.role == "target" else f"{r.p_value:.3f}", detects, verdict])
-    return table(["suite", "role", "n", "before [95% CI]", "after [95% CI]", "change", "fixed", "broke", "p(drop)", "detects",
-                  "verdict"], rows, left=2, last_left=True)
+                     f"{change:+.1f} pp", str(len(s.fixed)), str(len(s.broke)), bound, bar, verdict])
+    head = ["suite", "role", "n", "before [95% CI]", "after [95% CI]", "change", "fixed", "broke", "bound", "bar", "verdict"]
+    level = f"{trial.level:.3g}" if trial else "-"
+    note = (f"<p class=muted>bound: one-sided at {level}; for the target the gain is at least this, for a guard suite "
+            "the change could be as bad as this. A guard suite passes when its bound is within its bar.</p>")
+    return table(head, rows, left=2, last_left=True) + note
 
 
 def strengths_table(report: GuardReport) -> str:
     rows = [[f"{t.strength:g}", "<span class=ok>pass</span>" if t.passed else "<span class=bad>fail</span>",
-             f"{t.mean_guard_change_pp:+.2f} pp", escape(t.why)] for t in report.trials]
-    return table(["λ", "", "mean guard change", "why"], rows, last_left=True)
+             f"{t.target_gain_pp:+.1f} pp", f"{t.mean_guard_change_pp:+.2f} pp",
+             f"{t.mean_bound_pp:+.2f} pp" if t.mean_why else "-", escape(t.first_failure or t.why)] for t in report.trials]
+    rows += [[f"{x:g}", "not tried", "-", "-", "-", "a larger strength passed"] for x in report.untried]
+    rule = f"<p class=muted>rule: {escape(report.rule)}</p>" if report.rule else ""
+    return table(["λ", "", "target gain", "mean guard change", "could be as bad as", "first failing check"], rows,
+                 last_left=True) + rule
 
 
 def touches(manifest: PatchManifest) -> str:

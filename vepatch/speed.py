@@ -202,12 +202,14 @@ def measure(loaded: LoadedModel, model_name: str, method: str, batch_size: int, 
 class GuardTiming:
     candidate_id: str
     images: int  # per pass, over all suites
-    passes: int  # the baseline + one per strength
+    passes: int  # the baseline + one per strength the search tried (it stops at the first that passes)
     entry: str  # where kept inputs enter ('' = the preprocessed images)
     plain_seconds: float  # every pass decodes and runs the whole tower; no cache
     fast_cold_seconds: float  # kept inputs; empty prediction cache
     fast_warm_seconds: float  # kept inputs; the baseline's predictions already cached
     identical: bool  # the three gave the same trials and per-example predictions
+    every_strength_seconds: float = 0.0  # kept inputs, empty cache, every strength evaluated (the search before it stopped early)
+    every_strength_passes: int = 0
 
 
 def time_guard(ctx, candidate_id: Optional[str]) -> GuardTiming:
@@ -237,11 +239,13 @@ def time_guard(ctx, candidate_id: Optional[str]) -> GuardTiming:
         cache = PredictionCache(Path(folder))
         cold, cold_s = timed(cache=cache)
         warm, warm_s = timed(cache=cache)
+    with tempfile.TemporaryDirectory() as folder:
+        _, every_s = timed(cache=PredictionCache(Path(folder)), every=True)
 
     def same(a, b) -> bool:
         return a[0] == b[0] and all(np.array_equal(outputs(a[1][k][n]), outputs(b[1][k][n])) for k in a[1] for n in a[1][k]) \
             and all(np.array_equal(outputs(a[2][n]), outputs(b[2][n])) for n in a[2])
 
-    return GuardTiming(manifest.candidate_id, sum(len(s.images) for s in suites), 1 + len(spec.strengths),
+    return GuardTiming(manifest.candidate_id, sum(len(s.images) for s in suites), 1 + len(cold[0]),
                        describe_tower(parent.model).entry_for(delta.params), plain_s, cold_s, warm_s,
-                       same(plain, cold) and same(plain, warm))
+                       same(plain, cold) and same(plain, warm), every_s, 1 + len(spec.strengths))

@@ -123,6 +123,8 @@ def speed(
         out.print(f"  plain {timing.plain_seconds:.1f} s | fast, cold cache {timing.fast_cold_seconds:.1f} s "
                   f"({timing.plain_seconds / timing.fast_cold_seconds:.2f}x) | fast, warm cache {timing.fast_warm_seconds:.1f} s "
                   f"({timing.plain_seconds / timing.fast_warm_seconds:.2f}x) | identical results: {timing.identical}")
+        out.print(f"  every strength ({timing.every_strength_passes} passes), fast, cold cache {timing.every_strength_seconds:.1f} s: "
+                  f"stopping at the first pass saves {timing.every_strength_seconds / timing.fast_cold_seconds:.2f}x")
         return
     from ..speed import measure
 

@@ -7,7 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .._typed import to_plain
-from ..records import CaptioningReport, Diagnosis, EvalReport, RetrievalReport
+from ..records import UNGUARDED, UNGUARDED_FIX, CaptioningReport, Diagnosis, EvalReport, RetrievalReport
 
 
 def titled(title: str, **kwargs) -> Table:
@@ -108,27 +108,55 @@ def diagnosis_tables(d: Diagnosis, top: int = 12) -> list[Table]:
 
 def guard_tables(report) -> list:
     """The verdict at 80 columns: one table at the chosen strength (a refusal: its best try),
-    then one line per strength tried, the reasons of what failed under them."""
+    each suite's change and the bound of how bad it could be; then one line per strength tried
+    (its target gain and its first failing check) and the rule that chose."""
     from rich import box
 
     shown = next((t for t in report.trials if t.strength == report.strength), None) if report.accepted else \
-        max(report.trials, key=lambda t: sum(s.change_pp for s in t.suites if s.role == "target"))
+        max(report.trials, key=lambda t: t.target_gain_pp)
     label = "chosen" if report.accepted else "best try"
-    t = titled(f"λ {shown.strength:g} ({label}): mean guard change {shown.mean_guard_change_pp:+.2f} pp",
-              box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for col in ("suite", "n", "before", "after", "change", "p(drop)", "detects", ""):  # a long suite name wraps, the verdict never
+    mean = f"mean guard change {shown.mean_guard_change_pp:+.2f} pp"
+    if shown.mean_why:
+        mean += f", could be as bad as {shown.mean_bound_pp:+.2f} pp"
+    t = titled(f"λ {shown.strength:g} ({label}, each test at {shown.level:.3g}): {mean}",
+               box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    for col in ("suite", "n", "before", "after", "Δ pp", "worst pp", "bar pp", ""):  # a long suite name wraps, the verdict never
         t.add_column(col, justify="left" if col in ("suite", "") else "right", no_wrap=col != "suite")
     for s in shown.suites:
-        detects = "-" if s.role == "target" or not s.detectable_pp else f"≥{s.detectable_pp:.1f}"
-        p_drop = "-" if s.role == "target" else f"{s.p_value:.2f}"  # the target is held to a gain, not tested for a drop
         name = s.name + (" (target)" if s.role == "target" and s.name != "target-holdout" else "")
-        t.add_row(name, str(s.n), pct(s.before), pct(s.after), f"{s.change_pp:+.1f} pp", p_drop, detects,
-                  "ok" if s.passed else "FAIL")
+        t.add_row(name, str(s.n), pct(s.before), pct(s.after), f"{s.change_pp:+.1f}", bound_cell(s), bar_cell(s), suite_mark(s))
     marks = ["chosen" if report.accepted and tr.strength == report.strength else ("pass" if tr.passed else "fail")
              for tr in report.trials]
-    lines: list = [t, Text("strengths tried: " + " · ".join(f"λ {tr.strength:g} {m}" for tr, m in zip(report.trials, marks)))]
-    lines += [Text(f"  λ {tr.strength:g} failed: {tr.why}") for tr in report.trials if not tr.passed]
+    lines: list = [t, Text("worst: the one-sided bound; target: the gain is at least this, guard: the change could be as bad "
+                           "as this")]
+    if any(s.judged and s.passed and s.role == "guard" and not s.certified for s in shown.suites):
+        lines.append(Text("ok*: uncertified, too few images to certify its bar; passed because no drop beyond it was shown"))
+    lines += [Text(f"λ {tr.strength:g} {m}: target {tr.target_gain_pp:+.1f} pp" + ("" if tr.passed else f"; {tr.first_failure}"))
+              for tr, m in zip(report.trials, marks)]
+    if report.untried:
+        lines.append(Text("not tried: " + ", ".join(f"λ {x:g}" for x in report.untried) + " (a larger strength passed)"))
+    if report.rule:
+        lines.append(Text(f"rule: {report.rule}"))
     return lines
+
+
+def bound_cell(s) -> str:
+    return "-" if not s.judged else f"{s.bound_pp:+.1f}"
+
+
+def bar_cell(s) -> str:
+    if not s.judged:
+        return "-"
+    return f"≥{s.bar_pp:+g}" if s.role == "target" else f"-{s.bar_pp:g}"
+
+
+def suite_mark(s) -> str:
+    """ok / FAIL; ok* for a passing guard row that is no certificate; '-' for one not judged."""
+    if not s.judged:
+        return "at chance"
+    if not s.passed:
+        return "FAIL"
+    return "ok" if s.role == "target" or s.certified else "ok*"
 
 
 def verdict_lines(report) -> list:
@@ -141,7 +169,8 @@ def verdict_lines(report) -> list:
         nxt = f"next: vepatch report {report.version} (what it fixed and broke); vepatch rollback undoes it"
     else:
         head = Text.assemble(("REFUSED", "bold red"), f": {report.reason.removeprefix('refused: ')}")
-        nxt = (f"next: vepatch report {report.candidate_id} shows what it broke;\n"
+        nxt = (f"fix: {UNGUARDED_FIX}" if UNGUARDED in report.reason else
+               f"next: vepatch report {report.candidate_id} shows what it broke;\n"
                "      more or other shots, a smaller --lr or another --method may pass")
     lines = [head]
     notes = report.reason.split(" [", 1)[1].rstrip("]") if report.accepted and " [" in report.reason else ""
