@@ -49,3 +49,22 @@ def test_guard_warns_about_a_suite_the_baseline_is_at_chance_on(make_workspace, 
     digits = report["trials"][0]["suites"][1]
     assert digits["name"] == "digits" and digits["before"] <= 0.15  # the random tiny model knows no digits
     assert "digits: the baseline is at chance there" in report["reason"]
+
+
+def test_builtin_photos_needs_no_data_of_its_own_and_is_the_same_on_every_machine(make_workspace, vit_bundle, tmp_path):
+    """Four photos every install has (scikit-learn's and matplotlib's), 20 seeded crops each:
+    a guard suite of photos on a machine without ../shared (recipes/textile-vit.yaml uses it)."""
+    import hashlib
+
+    from vepatch import suites
+
+    root = make_workspace(vit_bundle, guard=GuardSpec(suites=[GuardSuite(path="builtin:photos", name="photos")]))
+    ctx = open_context(root)
+    images = open_guard_suite(ctx, ctx.recipe.guard.suites[0])
+    assert len(images) == 80 and sorted(images.classnames) == ["flower", "gift box", "military uniform", "pagoda"]
+    crops = sorted((root / ".vepatch" / "suites" / "photos").rglob("*.png"))
+    assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in crops}) == 80  # 80 different crops
+    again = tmp_path / "again"
+    suites.materialize("photos", again)  # another machine, the same seed: the same images
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(again.rglob("*.png"))] == \
+        [hashlib.sha256(p.read_bytes()).hexdigest() for p in crops]

@@ -4,6 +4,9 @@ written once into the workspace as image folders (.vepatch/suites/<name>/) on fi
   builtin:digits         scikit-learn's load_digits: 8x8 digits, dark on white, 20 per class
   builtin:fashion-mnist  Fashion-MNIST's test split, 20 per class, from Debian's
                          dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) when installed
+  builtin:photos         the four photos scikit-learn and matplotlib ship (a pagoda, a flower,
+                         an officer in uniform, a gift box), 20 seeded crops of each: small and
+                         correlated, but photos every install has (README "The embedded ViT base")
 """
 
 from __future__ import annotations
@@ -71,10 +74,43 @@ def _fashion(out: Path, per_class: int, seed: int) -> None:
     write_folder(out, list(read_idx(images_file)), read_idx(labels_file).tolist(), FASHION_CLASSES, per_class, seed)
 
 
-BUILDERS: dict[str, Callable[[Path, int, int], None]] = {"digits": _digits, "fashion-mnist": _fashion}
+def photo_files() -> dict[str, Path]:
+    """Class name -> the photo that scikit-learn or matplotlib installs for it."""
+    import matplotlib
+    import sklearn.datasets
+
+    sk = Path(sklearn.datasets.__file__).parent / "images"
+    mpl = Path(matplotlib.get_data_path()) / "sample_data"
+    return {"pagoda": sk / "china.jpg", "flower": sk / "flower.jpg", "military uniform": mpl / "grace_hopper.jpg",
+            "gift box": mpl / "Minduka_Present_Blue_Pack.png"}
+
+
+def _photos(out: Path, per_class: int, seed: int) -> None:
+    """Seeded crops (a third of the area or more, aspect 3:4 to 4:3), at most 224 px a side."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    for name, path in photo_files().items():
+        with Image.open(path) as im:
+            photo = im.convert("RGB")
+        w, h = photo.size
+        d = out / name.replace(" ", "_")
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            area, aspect = rng.uniform(0.35, 1.0) * w * h, rng.uniform(0.75, 4 / 3)
+            cw, ch = min(w, round((area * aspect) ** 0.5)), min(h, round((area / aspect) ** 0.5))
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            crop = photo.crop((x, y, x + cw, y + ch))
+            crop.thumbnail((224, 224))
+            crop.save(d / f"{i:05d}.png")
+
+
+BUILDERS: dict[str, Callable[[Path, int, int], None]] = {"digits": _digits, "fashion-mnist": _fashion, "photos": _photos}
 
 
 def available(name: str) -> bool:
+    if name == "photos":
+        return all(p.is_file() for p in photo_files().values())
     return name == "digits" or (name == "fashion-mnist" and any(FASHION.glob("t10k-images*")))
 
 
