@@ -484,3 +484,56 @@ def test_dense_masks_are_stored_as_bits_and_head_masked_factors_without_their_ze
     assert torch.equal(back.scaled(0.5).change_for("qkv", torch.zeros(1152, 384)), 0.5 * up @ delta.tensors["qkv#lowrank.down"])
     with pytest.raises(StoreError, match="does not fit"):  # a mask for another shape is refused, never read
         back.change_for("fc1", torch.zeros(1536, 385))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_16_bit_patch_takes_half_the_bytes_and_applies_within_rounding(tmp_path, dtype):
+    """apply.patch_dtype: values and factors stored in 16 bits (indices and bits as before), the
+    change still computed in float32; a trained `up` factor far smaller than `down` (LoRA's
+    zero-init after a few small steps) keeps its precision because the pair is balanced first."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(1536, 384, generator=g) < 0.1
+    delta = Delta()
+    delta.add_sparse("fc1", torch.randn(1536, 384, generator=g) * 1e-4, mask)
+    up, down = torch.randn(128, 64, generator=g) * 1e-6, torch.randn(64, 384, generator=g) * 0.1
+    delta.add_lowrank("qkv", up, down)
+    half = delta.stored_as(dtype)
+    assert half.tensors["fc1#sparse.value"].dtype == getattr(torch, dtype)
+    assert half.tensors["fc1#sparse.bits"].dtype == torch.uint8  # the mask is not rounded
+    assert len(half.to_bytes()) < 0.6 * len(delta.to_bytes())
+    path = tmp_path / "delta.safetensors"
+    path.write_bytes(half.to_bytes())
+    back = Delta.from_file(path)
+    bound = 2 ** -8 if dtype == "bfloat16" else 2 ** -11  # half a unit in the last place, relative
+    for name, shape in (("fc1", (1536, 384)), ("qkv", (128, 384))):
+        exact, rounded = delta.change_for(name, torch.zeros(shape)), back.change_for(name, torch.zeros(shape))
+        assert rounded.dtype == torch.float32
+        assert float((rounded - exact).norm() / exact.norm()) < 2 * bound
+    assert delta.stored_as("float32") is delta  # the default: untouched, bit for bit
+
+
+def test_a_float32_patch_still_loads_and_a_patch_of_another_float_type_is_refused(tmp_path):
+    from safetensors.torch import save
+
+    delta = Delta()
+    delta.add_dense("proj", torch.randn(4, 4))
+    path = tmp_path / "delta.safetensors"
+    path.write_bytes(delta.to_bytes())  # what every patch written before apply.patch_dtype is
+    assert torch.equal(Delta.from_file(path).change_for("proj", torch.zeros(4, 4)), delta.tensors["proj#dense"])
+    path.write_bytes(save({"proj#dense": torch.randn(4, 4, dtype=torch.float64)}))
+    with pytest.raises(StoreError, match="float64"):
+        Delta.from_file(path)
+    path.write_bytes(half_bytes := delta.stored_as("float16").to_bytes())
+    path.write_bytes(half_bytes[: len(half_bytes) // 2])  # truncated
+    with pytest.raises(StoreError, match="not a valid safetensors"):
+        Delta.from_file(path)
+
+
+def test_apply_stores_the_patch_in_the_recipes_16_bit_type(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=2, patch_dtype="float16")
+    result, manifest = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none")
+    assert result.exit_code == 0, result.output
+    _, delta = store.read_candidate(store.Workspace(root), manifest["candidate_id"])
+    values = [v for k, v in delta.tensors.items() if k.endswith(("sparse.value", "lowrank.up", "lowrank.down"))]
+    assert values and all(v.dtype == torch.float16 for v in values)
+    assert manifest["patch_bytes"] == len(delta.to_bytes())

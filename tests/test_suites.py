@@ -68,3 +68,22 @@ def test_a_guard_whose_only_suite_is_at_chance_refuses_and_says_how_to_fix_it(ma
     assert "nothing guarded" in result.output and "guard.allow_unguarded: true" in result.output
     assert store.versions(Workspace(root)) == [] and store.head(Workspace(root)) == "base"
     assert "λ 0.5" not in result.output  # no smaller strength can be guarded either: the search stops
+
+
+def test_builtin_photos_needs_no_data_of_its_own_and_is_the_same_on_every_machine(make_workspace, vit_bundle, tmp_path):
+    """Four photos every install has (scikit-learn's and matplotlib's), 20 seeded crops each:
+    a guard suite of photos on a machine without ../shared (recipes/textile-vit.yaml uses it)."""
+    import hashlib
+
+    from vepatch import suites
+
+    root = make_workspace(vit_bundle, guard=GuardSpec(suites=[GuardSuite(path="builtin:photos", name="photos")]))
+    ctx = open_context(root)
+    images = open_guard_suite(ctx, ctx.recipe.guard.suites[0])
+    assert len(images) == 80 and sorted(images.classnames) == ["flower", "gift box", "military uniform", "pagoda"]
+    crops = sorted((root / ".vepatch" / "suites" / "photos").rglob("*.png"))
+    assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in crops}) == 80  # 80 different crops
+    again = tmp_path / "again"
+    suites.materialize("photos", again)  # another machine, the same seed: the same images
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(again.rglob("*.png"))] == \
+        [hashlib.sha256(p.read_bytes()).hexdigest() for p in crops]

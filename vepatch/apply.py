@@ -172,7 +172,7 @@ def _apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan], diagnosis: st
                      dataclasses.replace(spec, batch_size=batch_size), recipe.seed, ctx.device, progress)
 
     stats = retry_on_oom(attempt, spec.batch_size, f"apply --method {spec.method}")
-    delta = trainable.delta()
+    delta = trainable.delta().stored_as(spec.patch_dtype)  # rounded before it is judged: the guard sees what is stored
     allowed = dict(sorted(trainable.summary.items()))
     del visual, trainable
     return _write(ctx, recipe, plan, loaded, version, delta, allowed, stats, diagnosis_file, origin)

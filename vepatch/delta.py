@@ -15,7 +15,10 @@ sparsity and rank for any strength lambda:
            templates, a change from the uniform average) and, as JSON, their classes and templates
   vprompt  '<set>.tokens#vprompt.tokens' (stored, never scaled) + '<set>.gate#dense' (0 -> 1,
            scaled): visual prompt tokens and the gate that weights them (visual_prompts.py)
-Stored as safetensors only; never pickle.
+Stored as safetensors only; never pickle. Values, factors and dense entries are float32, or
+16-bit where the recipe says so (`apply.patch_dtype`: half the bytes; `stored_as`); every
+change is computed in float32 whatever the stored type, so a float32 patch and a 16-bit one
+load the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from .errors import StoreError
 
 KINDS = ("sparse.index", "sparse.bits", "sparse.value", "lowrank.up", "lowrank.down", "lowrank.rows", "dense",
          "prompt.ids", "prompt.text", "vprompt.tokens", "weights.text")
+VALUE_KINDS = ("sparse.value", "lowrank.up", "lowrank.down", "dense")  # floating numbers a 16-bit patch rounds
+STORED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INDEX_KINDS = ("sparse.index", "sparse.bits", "lowrank.rows", "prompt.ids", "prompt.text", "weights.text")  # integers: never scaled, not counted as trained numbers
 
 
@@ -85,6 +90,27 @@ class Delta:
         self.tensors[f"{name}.tokens#vprompt.tokens"] = tokens.float().contiguous()
         self.add_dense(f"{name}.gate", torch.ones(()))
 
+    def stored_as(self, dtype: str) -> "Delta":
+        """This delta with its values, factors and dense entries rounded to `dtype` (a key of
+        STORED_DTYPES). A low-rank pair is balanced first (up * c, down / c, exact in float32, with
+        c making their largest entries equal), so that small trained `up` entries do not fall below
+        float16's normal range while `down` keeps its random-init scale."""
+        target = STORED_DTYPES[dtype]
+        if target == torch.float32:
+            return self
+        out = dict(self.tensors)
+        for key in [k for k in out if k.endswith("#lowrank.up")]:
+            down_key = key.replace("#lowrank.up", "#lowrank.down")
+            up, down = out[key].float(), out[down_key].float()
+            a, b = float(up.abs().max()), float(down.abs().max())
+            if a > 0 and b > 0:
+                c = (b / a) ** 0.5
+                out[key], out[down_key] = up * c, down / c
+        for k, v in out.items():
+            if k.endswith(VALUE_KINDS) and v.is_floating_point():
+                out[k] = v.to(target).contiguous()
+        return Delta(out)
+
     @property
     def touches_text(self) -> bool:
         """A prompt patch (or a chain step holding one): the text heads change with it."""
@@ -115,7 +141,7 @@ class Delta:
         out = {}
         for k, v in self.tensors.items():
             scale = k.endswith(("sparse.value", "lowrank.up", "#dense"))
-            out[k] = (v * strength).contiguous() if scale and strength != 1.0 else v
+            out[k] = (v.float() * strength).to(v.dtype).contiguous() if scale and strength != 1.0 else v
         return Delta(out)
 
     def trainable_count(self) -> int:
@@ -148,6 +174,10 @@ class Delta:
         floating = [k for k, v in tensors.items() if k.endswith(INDEX_KINDS) and v.is_floating_point()]
         if floating:
             raise StoreError(f"{path}: '{floating[0]}' holds no integer indices", "it is refused; this is not a vepatch delta")
+        odd = [k for k, v in tensors.items() if k.endswith(VALUE_KINDS) and v.dtype not in STORED_DTYPES.values()]
+        if odd:
+            raise StoreError(f"{path}: '{odd[0]}' holds {tensors[odd[0]].dtype}, not float32, float16 or bfloat16",
+                             "it is refused; this is not a vepatch delta")
         return cls(tensors)
 
 

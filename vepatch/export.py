@@ -92,8 +92,8 @@ def export_peft(delta, out: Path, rank: int, alpha: float, force: bool = False) 
     for name in delta.params:
         module = _peft_module(name)
         targets.add(module)
-        up = delta.tensors[f"{name}#lowrank.up"] / (alpha / rank)  # peft applies the scale itself
-        tensors[f"base_model.model.{module}.lora_A.weight"] = delta.tensors[f"{name}#lowrank.down"].contiguous()
+        up = delta.tensors[f"{name}#lowrank.up"].float() / (alpha / rank)  # peft applies the scale itself
+        tensors[f"base_model.model.{module}.lora_A.weight"] = delta.tensors[f"{name}#lowrank.down"].float().contiguous()
         tensors[f"base_model.model.{module}.lora_B.weight"] = up.contiguous()
         if name.endswith(".in_proj_weight"):  # peft's attention LoRA also adapts out_proj: by nothing
             width = delta.tensors[f"{name}#lowrank.down"].shape[1]

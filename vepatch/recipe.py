@@ -94,6 +94,9 @@ class ApplySpec:
     # the reference set's own (a cycle's: the recipe's classes); 'imagenet' = those plus ImageNet's
     # 1000 class names (open_clip ships them; ZSCL's idea: a wide vocabulary keeps what the base knew)
     distill_vocabulary: Literal["reference", "imagenet"] = "reference"
+    # stored type of the patch's values and factors: 'float16' or 'bfloat16' halve its bytes (the
+    # change is still applied in float32; README "The embedded ViT base" gives the rounding error)
+    patch_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     wise_alpha: float = ranged(0.5, lo=0, hi=1)  # full+wise: weight of the fine-tuned model in the average (WiSE-FT's default)
     codebook: int = ranged(64, lo=2)  # ck-coop: K-means centres of the token-embedding table each learned token mixes
     vision_prompts: int = ranged(8, lo=1)  # dcar on a ViT: learned prompt tokens after the class token

@@ -4,8 +4,11 @@ written once into the workspace as image folders (.vepatch/suites/<name>/) on fi
   builtin:digits         scikit-learn's load_digits: 8x8 digits, dark on white, 100 per class
   builtin:fashion-mnist  Fashion-MNIST's test split, 100 per class, from Debian's
                          dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) when installed
+  builtin:photos         the four photos scikit-learn and matplotlib ship (a pagoda, a flower,
+                         an officer in uniform, a gift box), 20 seeded crops of each: small and
+                         correlated, but photos every install has (README "The embedded ViT base")
 
-1,000 images each: a guard bound needs them (with no image changing, 268 images are the fewest
+Digits and Fashion-MNIST hold 1,000 images each: a guard bound needs them (with no image changing, 268 images are the fewest
 that can certify a 1 pp bar at 0.05; README "Guard statistics"); `max_per_class` takes fewer.
 """
 
@@ -24,7 +27,8 @@ import numpy as np
 from .errors import DataError
 
 PREFIX = "builtin:"
-PER_CLASS, SEED = 100, 0
+PER_CLASS = {"digits": 100, "fashion-mnist": 100, "photos": 20}  # images a class (photos: crops of one photo)
+SEED = 0
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 
@@ -74,10 +78,43 @@ def _fashion(out: Path, per_class: int, seed: int) -> None:
     write_folder(out, list(read_idx(images_file)), read_idx(labels_file).tolist(), FASHION_CLASSES, per_class, seed)
 
 
-BUILDERS: dict[str, Callable[[Path, int, int], None]] = {"digits": _digits, "fashion-mnist": _fashion}
+def photo_files() -> dict[str, Path]:
+    """Class name -> the photo that scikit-learn or matplotlib installs for it."""
+    import matplotlib
+    import sklearn.datasets
+
+    sk = Path(sklearn.datasets.__file__).parent / "images"
+    mpl = Path(matplotlib.get_data_path()) / "sample_data"
+    return {"pagoda": sk / "china.jpg", "flower": sk / "flower.jpg", "military uniform": mpl / "grace_hopper.jpg",
+            "gift box": mpl / "Minduka_Present_Blue_Pack.png"}
+
+
+def _photos(out: Path, per_class: int, seed: int) -> None:
+    """Seeded crops (a third of the area or more, aspect 3:4 to 4:3), at most 224 px a side."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    for name, path in photo_files().items():
+        with Image.open(path) as im:
+            photo = im.convert("RGB")
+        w, h = photo.size
+        d = out / name.replace(" ", "_")
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            area, aspect = rng.uniform(0.35, 1.0) * w * h, rng.uniform(0.75, 4 / 3)
+            cw, ch = min(w, round((area * aspect) ** 0.5)), min(h, round((area / aspect) ** 0.5))
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            crop = photo.crop((x, y, x + cw, y + ch))
+            crop.thumbnail((224, 224))
+            crop.save(d / f"{i:05d}.png")
+
+
+BUILDERS: dict[str, Callable[[Path, int, int], None]] = {"digits": _digits, "fashion-mnist": _fashion, "photos": _photos}
 
 
 def available(name: str) -> bool:
+    if name == "photos":
+        return all(p.is_file() for p in photo_files().values())
     return name == "digits" or (name == "fashion-mnist" and any(FASHION.glob("t10k-images*")))
 
 
@@ -91,7 +128,7 @@ def materialize(name: str, folder: Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
     try:
-        BUILDERS[name](staging, PER_CLASS, SEED)
+        BUILDERS[name](staging, PER_CLASS[name], SEED)
         try:
             staging.rename(folder)
         except OSError:  # another process wrote it first: theirs is the same

@@ -14,9 +14,10 @@ to 16x16 as the ONNX graph itself does (bicubic, a = -0.75, half-pixel). `check_
 compares the result with onnxruntime's.
 
 Text: the default base's frozen MiniLM tower. The two meet through an alignment head (`proj`,
-384 x 384) fitted LIFT-style against the frozen text space by `examples/fit_default_vit_head.py`
-and committed as `default_vit_head.safetensors` (its metadata names the script, the data and
-their hashes), so a machine without that data builds the same base.
+384 x 384) fitted against the frozen text space by `examples/fit_default_vit_head.py` (on real
+photos, to the default base's ImageNet logits) and committed as `default_vit_head.safetensors`
+(its metadata names the script, the data and their hashes, and the held-out figures), so a
+machine without that data builds the same base.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ from ..errors import ModelError
 from .default import DEFAULT_LOGIT_SCALE, build_once, copy_text_files, default_text_cfg, minilm_dir
 
 DEFAULT_VIT_REF = "default-vit"
-DEFAULT_VIT_BUNDLE = "default-vit-v1"  # bump when the tower, the head or the config changes
+DEFAULT_VIT_BUNDLE = "default-vit-v2"  # bump when the tower, the head or the config changes (v2: the head fitted on photos)
 HEAD_FILE = Path(__file__).with_name("default_vit_head.safetensors")
+# the committed head's sha256: a refitted head changes it, and then DEFAULT_VIT_BUNDLE must change
+# with it, or caches built from the old head would be reused (tests/test_default_vit.py checks)
+HEAD_SHA256 = "cee5547a27711ea043df2d45642a35012728742e0949c9136298a12775295b4c"
 IMAGE_SIZE, PATCH, WIDTH, LAYERS, HEADS = 224, 14, 384, 12, 6
 HEAD_KEYS = ("visual.proj",)
 
