@@ -1,6 +1,7 @@
 """apply -> candidate -> guard -> version, on the tiny ViT."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -353,6 +354,54 @@ def test_apply_reuses_only_a_diagnosis_that_matches_its_method_and_budget(make_w
     assert runner.invoke(app, ["diagnose", str(errors), "-C", str(root)]).exit_code == 0
     result, manifest = _invoke("apply", "-C", str(root), "--json")
     assert manifest["diagnosis"] == sorted((root / ".vepatch" / "diagnoses").glob("*.json"))[-1].name
+
+
+def _stored_mask(delta: Delta, name: str, numel: int) -> torch.Tensor:
+    from vepatch.delta import unpack_bits
+
+    t = delta.tensors
+    if f"{name}#sparse.index" in t:
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[t[f"{name}#sparse.index"].long()] = True
+        return mask
+    return unpack_bits(t[f"{name}#sparse.bits"], numel)
+
+
+def test_the_quickstart_on_a_cnn_tower_trains_on_the_diagnosis_it_made(make_workspace, cnn_bundle, tmp_path):
+    """README quickstart (diagnose errors/, then apply) on a tower without attention heads:
+    the diagnosis records no head budget, which is no mismatch with the recipe's 2."""
+    from safetensors.torch import load_file
+
+    root = _ws(make_workspace, cnn_bundle, tmp_path, epochs=1)
+    errors = tiny.make_folder(tmp_path / "errors", 3, seed=11)
+    result, made = _invoke("diagnose", str(errors), "-C", str(root), "--json")
+    if result.exit_code == 4:
+        pytest.skip("random tiny model made no error")
+    assert result.exit_code == 0 and made["diagnosis"]["heads_per_layer"] == 0, result.output
+    result, manifest = _invoke("apply", "-C", str(root), "--json")
+    assert result.exit_code == 0, result.output
+    diagnosis_file = Path(made["file"])
+    assert manifest["diagnosis"] == diagnosis_file.name and not manifest["diagnosis_note"]
+    masks = load_file(str(diagnosis_file.with_name(made["diagnosis"]["masks_file"])))
+    _, delta = store.read_candidate(store.Workspace(root), manifest["candidate_id"])
+    fc1 = [k.removeprefix("fc1/") for k in masks if k.startswith("fc1/")]
+    assert fc1
+    for name in fc1:  # the candidate's sparse entries are exactly the diagnosis's
+        assert torch.equal(_stored_mask(delta, name, masks[f"fc1/{name}"].numel()), masks[f"fc1/{name}"].bool().reshape(-1))
+
+
+def test_apply_says_why_it_passed_a_diagnosis_over(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=1)
+    errors = tiny.make_folder(tmp_path / "errors", 3, seed=11)
+    result = runner.invoke(app, ["diagnose", str(errors), "-C", str(root), "--fc1-fraction", "0.5"])
+    if result.exit_code == 4:
+        pytest.skip("random tiny model made no error")
+    result, manifest = _invoke("apply", "-C", str(root), "--json")
+    assert result.exit_code == 0 and manifest["diagnosis"] == "", result.output
+    assert "fc1_fraction 0.5" in manifest["diagnosis_note"] and "scored on the shots" in manifest["diagnosis_note"]
+    result = runner.invoke(app, ["apply", "-C", str(root)])
+    note = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert result.exit_code == 0 and len(note) == 1 and "fc1_fraction 0.5" in note[0], result.output
 
 
 def test_a_moved_workspace_keeps_its_holdouts(make_workspace, vit_bundle, tmp_path):

@@ -95,6 +95,8 @@ def apply(
     out.print(f"candidate {manifest.candidate_id}: {manifest.method} on {manifest.parent}, "
               f"{manifest.trainable_params:,} trainable numbers, {manifest.patch_bytes:,} bytes, "
               f"{m.apply_seconds:.1f}s, peak {m.peak_memory_mb:.0f} MB")
+    if manifest.diagnosis_note:
+        out.print(f"note: {manifest.diagnosis_note}", markup=False, soft_wrap=True)
     out.print("next: vepatch guard")
 
 
