@@ -78,6 +78,53 @@ def test_same_seed_same_patch_bytes(make_workspace, vit_bundle, tmp_path):
     assert shas[0] == shas[1]
 
 
+@pytest.mark.parametrize("method", ["lorsu", "lora", "full"])
+def test_reset_restores_every_trained_tensor(vit_bundle, method):
+    """An out-of-memory retry starts where the first attempt did: LoRA's random `down` /
+    `lora_A` factors too, not only the parent's weights."""
+    import copy
+
+    from vepatch.masks import build_masks
+    from vepatch.methods import get
+    from vepatch.models import load_model
+    from vepatch.models.towers import describe_tower
+    from vepatch.recipe import ApplySpec
+
+    loaded = load_model(f"local-dir:{vit_bundle}")
+    tower = describe_tower(loaded.model)
+    grads = {n: torch.randn_like(p) for n, p in loaded.model.named_parameters() if n in tower.fc1 + tower.qkv}
+    masks = build_masks(grads, tower, 0.1, 2)
+    trainable = get(method).make(copy.deepcopy(loaded.model.visual), tower, masks, ApplySpec(rank=2))
+    start = {n: p.detach().clone() for n, p in trainable.visual.named_parameters()}
+    with torch.no_grad():
+        for p in trainable.params:
+            p.add_(torch.randn_like(p))  # a half-trained first attempt
+    trainable.reset()
+    for n, p in trainable.visual.named_parameters():
+        assert torch.equal(p, start[n]), n
+
+
+def test_an_out_of_memory_retry_gives_the_same_patch_bytes(make_workspace, vit_bundle, tmp_path, monkeypatch):
+    import vepatch.apply
+
+    root = _ws(make_workspace, vit_bundle, tmp_path, shots=4, batch_size=32, epochs=2)  # 12 shots: one batch at 32 or 16
+    result, plain = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none")
+    assert result.exit_code == 0, result.output
+    real, calls = vepatch.apply.train, []
+
+    def first_runs_out_of_memory(*args, **kwargs):
+        stats = real(*args, **kwargs)  # trains the adapter, then the GPU is full
+        calls.append(stats)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return stats
+
+    monkeypatch.setattr(vepatch.apply, "train", first_runs_out_of_memory)
+    result, retried = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none")
+    assert result.exit_code == 0 and len(calls) == 2, result.output
+    assert retried["patch_sha256"] == plain["patch_sha256"]
+
+
 def test_guard_accepts_writes_version_and_export_loads_in_open_clip(make_workspace, vit_bundle, tmp_path):
     import open_clip
 

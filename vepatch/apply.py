@@ -174,7 +174,7 @@ def _apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan], diagnosis: st
 
     visual = copy.deepcopy(loaded.model.visual)
     torch.manual_seed(recipe.seed)  # LoRA factors are initialized from the global generator
-    trainable = method.build(visual, tower, masks, spec)
+    trainable = method.make(visual, tower, masks, spec)
     prompts = None
     if spec.loss == "contrastive":  # (classes, templates, dim): one random template per image
         prompts = torch.stack([text_head(loaded, recipe.classes, [t]) for t in recipe.templates], dim=1)
