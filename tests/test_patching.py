@@ -471,6 +471,29 @@ def test_a_moved_workspace_keeps_its_holdouts(make_workspace, vit_bundle, tmp_pa
     assert "v1-holdout" in names
 
 
+def test_a_hash_sign_in_workspace_and_image_paths_guards_as_any_other(make_workspace, vit_bundle, tmp_path):
+    """'#' marks a saved dataset's row ('<dir>#<row>'), never a file: a workspace named 'ws#1',
+    images named 'IMG#0001.png' and a guard suite 'suite#2' open, cache and guard as files."""
+    import shutil
+
+    root = make_workspace(vit_bundle, shot_pool=DataSpec(path="pool#1", name="pool"),
+                          apply=ApplySpec(shots=6, epochs=1, batch_size=6, augment_scale=1.0),
+                          guard=GuardSpec(suites=[GuardSuite(path="suite#2", name="colours", max_drop_pp=100.0)],
+                                          min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0],
+                                          holdout_max_drop_pp=100.0))
+    for folder, n in (("pool#1", 14), ("suite#2", 4)):
+        for f in tiny.make_folder(root / folder, n, seed=5).glob("*/*.png"):
+            f.rename(f.with_name(f"IMG#{f.stem}.png"))
+    hashed = tmp_path / "ws#1"
+    shutil.move(str(root), str(hashed))
+    for _ in range(2):  # the second guard also re-checks v1's holdout, from the store
+        assert _invoke("apply", "-C", str(hashed), "--diagnosis", "none")[0].exit_code == 0
+        result, report = _invoke("guard", "-C", str(hashed), "--json")
+        assert result.exit_code == 0 and report["accepted"], result.output
+    suites = {s["name"]: s["n"] for s in report["trials"][0]["suites"]}
+    assert suites["colours"] == 12 and suites["v1-holdout"] == 24
+
+
 def test_gc_lists_then_removes_refused_promoted_and_bench_candidates_never_a_version(make_workspace, vit_bundle, tmp_path):
     root = _ws(make_workspace, vit_bundle, tmp_path, epochs=1)
     ws = store.Workspace(root)
