@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -28,6 +27,7 @@ from .apply import ShotPlan, holdout_ref
 from .context import Context
 from .data import ImageSet
 from .errors import NothingToDo, VepatchError
+from .faults import fault_point
 from .fsio import append_line, write_text_atomic
 from .inbox import (InboxFile, Quarantined, file_sha256, inbox_dir, labelled_pool, quarantine, scan_inbox, seen_hashes,
                     split_holdout, stage, staged_samples)
@@ -74,12 +74,6 @@ class CycleReport:
     def exit_code(self) -> int:
         """What cron reads: 0 promoted (or nothing to learn), 3 refused, 4 nothing new, 5 locked, 1 failed."""
         return {"refused": 3, "nothing-new": 4, "pooled": 4, "locked": 5, "failed": 1}.get(self.status, 0)
-
-
-def fault_point(name: str) -> None:
-    """Tests kill a real cycle here: VEPATCH_FAULT_AT=<name> sends SIGKILL to this process."""
-    if os.environ.get("VEPATCH_FAULT_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save_state(ctx: Context, state: CycleState) -> None:
@@ -214,6 +208,8 @@ def _advance(ctx: Context, state: CycleState) -> CycleState:
             report = store.read_verdict(ws, version)
             if report is None:
                 raise store.StoreError(f"{store.version_dir(ws, version)}: unreadable guard.json", "run `vepatch verify`")
+            if store.finish_promotion(ws, version):  # killed between writing vN and moving HEAD
+                ws.log("promote", version=version, current=True, resumed=True)
         elif (judged := store.read_candidate_verdict(ws, state.candidate_id)) is not None:
             report = judged  # refused before a crash: the verdict stands
         else:

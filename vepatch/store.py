@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .delta import Delta, apply_delta, sha256_bytes, sha256_file
 from .errors import NothingToDo, StoreError, UsageError
+from .faults import fault_point
 from .fsio import fsync_dir, write_bytes_atomic, write_text_atomic
 from .models import LoadedModel
 from .models.load import model_fingerprint
@@ -231,9 +232,19 @@ def write_version(ws: Workspace, manifest: PatchManifest, delta: Delta, report: 
     write_text_atomic(staging / MANIFEST_FILE, to_json(manifest))  # last: marks the folder complete
     os.replace(staging, folder)
     fsync_dir(ws.patches)
+    fault_point("before-head")  # a crash here leaves vN complete and HEAD on its parent: see finish_promotion
     if make_current:
         set_head(ws, version)
     return version
+
+
+def finish_promotion(ws: Workspace, version: str) -> bool:
+    """Move HEAD to `version` when it still names the version's parent: what a process killed
+    between writing vN and moving HEAD left undone. Returns whether HEAD moved."""
+    if head(ws) != read_manifest(ws, version).parent:
+        return False  # HEAD moved on since (a rollback, a later version): leave it
+    set_head(ws, version)
+    return True
 
 
 # --- verify -------------------------------------------------------------------------------
