@@ -10,7 +10,7 @@ from pathlib import Path
 
 import tiny
 from vepatch import store
-from vepatch.recipe import ApplySpec, GuardSpec, GuardSuite
+from vepatch.recipe import ApplySpec, DataSpec, GuardSpec, GuardSuite
 from vepatch.workspace import Workspace
 
 FAST = ApplySpec(shots=4, epochs=2, batch_size=6, rank=2, lora_alpha=2.0, augment_scale=1.0)
@@ -84,6 +84,28 @@ def test_class_incremental_rounds_are_each_promoted_and_keep_earlier_fixes(make_
     chosen = next(t for t in verdict.trials if t.strength == verdict.strength)
     earlier = next(s for s in chosen.suites if s.name == "v1-holdout")
     assert earlier.n == 6 and earlier.change_pp >= 0
+
+
+def test_an_inbox_folder_mapped_through_shot_pool_folders_is_trained_on(make_workspace, vit_bundle, tmp_path):
+    """inbox/local/ holds red squares (shot_pool.folders maps 'local' to the class): staged,
+    held out and trained on like any class folder, never archived unused."""
+    pool = tiny.make_folder(tmp_path / "pool", 2, seed=5)
+    guard_set = tiny.make_folder(tmp_path / "guardset", 4, seed=9)
+    root = make_workspace(vit_bundle, apply=FAST, shot_pool=DataSpec(path=str(pool), folders={"local": "red square"}),
+                          guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+                                          min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]))
+    _drop(root, seed=1)
+    (root / "inbox" / "red_square").rename(root / "inbox" / "local")
+    done = _cycle(root)
+    assert done.returncode in (0, 3), done.stderr
+    report = json.loads(done.stdout)
+    assert report["new_images"] == 12 and report["holdout_images"] == 3 and not report["quarantined"]
+    m = _manifest(root, report["candidate_id"])
+    tonight = Workspace(root).cycle_train(report["cycle_id"])
+    staged = sorted(str(p) for p in tonight.rglob("*.png"))
+    assert len(staged) == 9 and sorted(str(root / f) for f in m.train_files if str(root / f) in staged) == staged
+    assert len(m.holdout.sources) == 3 and sorted(m.holdout.labels) == [0, 1, 2]
+    assert sum(1 for f in m.train_files if f.startswith(str(tonight.relative_to(root)) + "/red_square/")) == 3
 
 
 def test_bad_drops_are_quarantined_and_the_night_goes_on(make_workspace, vit_bundle, tmp_path):

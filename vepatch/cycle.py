@@ -29,8 +29,8 @@ from .data import ImageSet
 from .errors import NothingToDo, VepatchError
 from .faults import fault_point
 from .fsio import append_line, write_text_atomic
-from .inbox import (InboxFile, Quarantined, file_sha256, inbox_dir, labelled_pool, quarantine, scan_inbox, seen_hashes,
-                    split_holdout, stage, staged_samples)
+from .inbox import (InboxFile, Quarantined, file_sha256, inbox_dir, inbox_folders, labelled_pool, quarantine, scan_inbox,
+                    seen_hashes, split_holdout, stage, staged_samples)
 from .recipe import ApplySpec
 from .records import ClassOutcome
 
@@ -142,7 +142,7 @@ def run_cycle(ctx: Context, dry_run: bool = False) -> CycleReport:
         seed = cycle_seed(ctx.recipe.seed, cycle_id)
         train, holdout = split_holdout(scan.new, ctx.recipe.cycle.holdout_share, seed)
         state = CycleState(cycle_id, "staged", scan.new, scan.duplicates, [f.sha256 for f in holdout], seed)
-        stage(ws, cycle_id, ws.root, train, holdout)
+        stage(ws, cycle_id, ws.root, train, holdout, list(ctx.recipe.classes), inbox_folders(ctx))
         save_state(ctx, state)
     elif dry_run:
         return CycleReport(state.cycle_id, "dry-run", len(state.files), len(state.duplicates), state.candidate_id,

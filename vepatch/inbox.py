@@ -70,6 +70,11 @@ def inbox_dir(ctx: Context) -> Path:
     return inbox
 
 
+def inbox_folders(ctx: Context) -> dict[str, str]:
+    """Inbox folder -> class, where a folder is not named after its class: shot_pool.folders."""
+    return dict(ctx.recipe.shot_pool.folders) if ctx.recipe.shot_pool else {}
+
+
 def scan_inbox(ctx: Context) -> Scan:
     inbox = inbox_dir(ctx)
     if not inbox.is_dir():
@@ -83,7 +88,7 @@ def scan_inbox(ctx: Context) -> Scan:
             bad.append((entry, "a link leading outside the inbox"))
         elif not entry.is_dir():
             bad.append((entry, "not inside a class folder (drop images into inbox/<class>/)"))
-        elif class_of_folder(entry.name, ctx.recipe.classes, ctx.recipe.shot_pool.folders if ctx.recipe.shot_pool else {}) is None:
+        elif class_of_folder(entry.name, ctx.recipe.classes, inbox_folders(ctx)) is None:
             bad.append((entry, f"unknown class '{entry.name}' (known: {', '.join(ctx.recipe.classes)})"))
         else:
             for f in sorted(entry.rglob("*")):
@@ -148,14 +153,25 @@ def split_holdout(files: list[InboxFile], share: float, seed: int) -> tuple[list
     return train, holdout
 
 
-def stage(ws: Workspace, cycle_id: str, root: Path, train: list[InboxFile], holdout: list[InboxFile]) -> None:
-    """Copy the new images (named by hash) into the cycle's own train/ and holdout/ folders."""
+def stage(ws: Workspace, cycle_id: str, root: Path, train: list[InboxFile], holdout: list[InboxFile],
+          classes: list[str], folders: dict[str, str]) -> None:
+    """Copy the new images (named by hash) into the cycle's own train/ and holdout/ folders,
+    one per class, named after the class (an inbox folder mapped by shot_pool.folders, e.g.
+    inbox/local/, is staged under its class: every later reader finds it without the map)."""
     for folder, files in ((ws.cycle_train(cycle_id), train), (ws.cycle_holdout(cycle_id), holdout)):
         for f in files:
             src = root / f.source
-            target = folder / f.label / (f.sha256[:16] + src.suffix.lower())
+            target = folder / class_folder(f.label, classes, folders) / (f.sha256[:16] + src.suffix.lower())
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, target)
+
+
+def class_folder(folder: str, classes: list[str], folders: dict[str, str]) -> str:
+    """The staged folder name of inbox folder `folder`: its class's name, '_' for a space."""
+    label = class_of_folder(folder, classes, folders)
+    if label is None:  # the scan let it through, so the recipe changed since
+        raise UsageError(f"inbox/{folder}: unknown class", f"known: {', '.join(classes)}; map it in shot_pool.folders")
+    return classes[label].replace(" ", "_")
 
 
 def labelled_pool(ctx: Context, usable_cycles: list[str], held_out: set[str]) -> Optional[ImageSet]:
