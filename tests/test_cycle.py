@@ -10,7 +10,7 @@ import pytest
 
 import tiny
 from vepatch import store
-from vepatch.recipe import ApplySpec, DataSpec, GuardSpec, GuardSuite
+from vepatch.recipe import ApplySpec, CycleSpec, DataSpec, GuardSpec, GuardSuite
 from vepatch.workspace import Workspace
 
 
@@ -22,6 +22,7 @@ def _cycle_ws(make_workspace, bundle, tmp_path) -> Path:
         apply=ApplySpec(shots=4, epochs=1, batch_size=6, rank=2, lora_alpha=2.0, augment_scale=1.0),
         guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
                         min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]),
+        cycle=CycleSpec(settle_s=0),  # tests drop complete files
     )
     return root
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -27,8 +27,8 @@ from . import clock
 from .context import Context
 from .data import ImageSet, Sample, class_of_folder, open_image_set
 from .images import IMAGE_SUFFIXES, BadImage, read_image
-from .errors import UsageError
-from .fsio import append_line, read_lines
+from .errors import DataError, UsageError
+from .fsio import append_line, read_lines, write_bytes_atomic
 from .workspace import Workspace
 
 
@@ -51,6 +51,7 @@ class Scan:
     new: list[InboxFile]
     duplicates: list[InboxFile]  # seen in an earlier cycle (or twice tonight)
     bad: list[tuple[Path, str]]  # (file or folder, why it cannot be used)
+    settling: list[Path] = field(default_factory=list)  # still being written (cycle.settle_s): left for the next run
 
 
 def file_sha256(path: Path) -> str:
@@ -75,12 +76,15 @@ def inbox_folders(ctx: Context) -> dict[str, str]:
     return dict(ctx.recipe.shot_pool.folders) if ctx.recipe.shot_pool else {}
 
 
-def scan_inbox(ctx: Context) -> Scan:
+def scan_inbox(ctx: Context, now: Optional[float] = None) -> Scan:
+    """What the inbox holds now (`now`: the clock the settle time is measured on, seconds
+    since the epoch; tests pass their own)."""
     inbox = inbox_dir(ctx)
     if not inbox.is_dir():
         return Scan([], [], [])
+    settle_s, now = ctx.recipe.cycle.settle_s, time.time() if now is None else now
     root, seen, batch = ctx.workspace.root, seen_hashes(ctx.workspace), set()
-    new, dup, bad = [], [], []
+    new, dup, bad, settling = [], [], [], []
     for entry in sorted(inbox.iterdir()):
         if entry.name.startswith("."):
             continue
@@ -94,28 +98,58 @@ def scan_inbox(ctx: Context) -> Scan:
             for f in sorted(entry.rglob("*")):
                 if f.name.startswith(".") or (f.is_dir() and not f.is_symlink()):
                     continue
-                why = _unusable(f, entry, inbox)
-                if why:
-                    bad.append((f, why))
-                    continue
-                item = InboxFile(str(f.relative_to(root)), file_sha256(f), entry.name)
-                (dup if item.sha256 in seen or item.sha256 in batch else new).append(item)
-                batch.add(item.sha256)
-    return Scan(new, dup, bad)
+                why = _misplaced(f, entry, inbox)
+                read = None if why else settled_read(f, now, settle_s)
+                if read is None and not why:
+                    settling.append(f)
+                elif why or read[1]:
+                    bad.append((f, why or read[1]))
+                else:
+                    item = InboxFile(str(f.relative_to(root)), read[0], entry.name)
+                    (dup if item.sha256 in seen or item.sha256 in batch else new).append(item)
+                    batch.add(item.sha256)
+    return Scan(new, dup, bad, settling)
 
 
-def _unusable(f: Path, class_dir: Path, inbox: Path) -> str:
+def _misplaced(f: Path, class_dir: Path, inbox: Path) -> str:
+    """Why `f` is no drop whatever its bytes ('' if it may be one)."""
     if f.is_symlink() and not f.resolve().is_relative_to(inbox.resolve()):
         return "a link leading outside the inbox"
     if f.parent != class_dir:
         return f"in a sub-folder of '{class_dir.name}' (drop images directly into inbox/<class>/)"
     if f.suffix.lower() not in IMAGE_SUFFIXES:
         return f"not an image file ('{f.suffix or f.name}')"
+    return ""
+
+
+def settled_read(f: Path, now: float, settle_s: float) -> Optional[tuple[str, str]]:
+    """(sha256, why it is no readable image or '') of a file that stands still; None while it
+    may still be written: its size or mtime changed less than `settle_s` before `now`, or
+    while it was read. An mtime in the future (a copy that kept its source's times, a skewed
+    clock) counts as settled: a copier sets such times only once the bytes are written."""
+    before = _size_mtime(f)
+    if before is None:  # gone since it was listed (moved away), or a link to nothing
+        return ("", "a link to a file that is not there") if f.is_symlink() else None
+    if 0 <= now - before[1] / 1e9 < settle_s:
+        return None
     try:
         read_image(f)
+        why = ""
     except BadImage as exc:
-        return str(exc)
-    return ""
+        why = str(exc)
+    try:
+        sha = file_sha256(f) if not why else ""
+    except OSError:  # moved away while read
+        return None
+    return None if _size_mtime(f) != before else (sha, why)
+
+
+def _size_mtime(f: Path) -> Optional[tuple[int, int]]:
+    try:
+        st = f.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def quarantine(ws: Workspace, bad: list[tuple[Path, str]], note: str = "") -> list[Quarantined]:
@@ -162,8 +196,10 @@ def stage(ws: Workspace, cycle_id: str, root: Path, train: list[InboxFile], hold
         for f in files:
             src = root / f.source
             target = folder / class_folder(f.label, classes, folders) / (f.sha256[:16] + src.suffix.lower())
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, target)
+            data = src.read_bytes()
+            if hashlib.sha256(data).hexdigest() != f.sha256:  # replaced in the moment since the scan
+                raise DataError(f"{src}: changed since the inbox was scanned", "run `vepatch cycle` again: it scans anew")
+            write_bytes_atomic(target, data)
 
 
 def class_folder(folder: str, classes: list[str], folders: dict[str, str]) -> str:
@@ -197,5 +233,6 @@ def staged_samples(folder: Path, classes: list[str]) -> list[Sample]:
     samples = []
     for d in sorted(folder.iterdir()) if folder.is_dir() else []:
         label = class_of_folder(d.name, classes)
-        samples += [Sample(str(f), label) for f in sorted(d.iterdir()) if label is not None and f.is_file()]
+        samples += [Sample(str(f), label) for f in sorted(d.iterdir())
+                    if label is not None and f.is_file() and not f.name.startswith(".")]  # '.': a write a crash cut short
     return samples
