@@ -46,7 +46,7 @@ def seconds(args: list[str]) -> float:
 
 def imports_torch(args: list[str]) -> bool:
     done = subprocess.run([sys.executable, "-X", "importtime", "-m", "vepatch", *args], capture_output=True, text=True)
-    return any(line.rstrip().endswith("| torch") for line in done.stderr.splitlines())
+    return any(line.rsplit("|", 1)[-1].strip() == "torch" for line in done.stderr.splitlines())
 
 
 def main() -> None:
