@@ -99,13 +99,13 @@ def scan_inbox(ctx: Context, now: Optional[float] = None) -> Scan:
                 if f.name.startswith(".") or (f.is_dir() and not f.is_symlink()):
                     continue
                 why = _misplaced(f, entry, inbox)
-                read = None if why else settled_read(f, now, settle_s)
-                if read is None and not why:
+                read = Read(why=why) if why else settled_read(f, now, settle_s)
+                if read is None:
                     settling.append(f)
-                elif why or read[1]:
-                    bad.append((f, why or read[1]))
+                elif read.why:
+                    bad.append((f, read.why))
                 else:
-                    item = InboxFile(str(f.relative_to(root)), read[0], entry.name)
+                    item = InboxFile(str(f.relative_to(root)), read.sha256, entry.name)
                     (dup if item.sha256 in seen or item.sha256 in batch else new).append(item)
                     batch.add(item.sha256)
     return Scan(new, dup, bad, settling)
@@ -122,14 +122,22 @@ def _misplaced(f: Path, class_dir: Path, inbox: Path) -> str:
     return ""
 
 
-def settled_read(f: Path, now: float, settle_s: float) -> Optional[tuple[str, str]]:
-    """(sha256, why it is no readable image or '') of a file that stands still; None while it
+@dataclass(frozen=True)
+class Read:
+    """What the scan found a file to be, once it stood still."""
+
+    sha256: str = ""  # its content ('' when it is no usable image)
+    why: str = ""  # why it is no usable image ('' when it is one)
+
+
+def settled_read(f: Path, now: float, settle_s: float) -> Optional[Read]:
+    """The content hash, or why it is no readable image, of a file that stands still; None while it
     may still be written: its size or mtime changed less than `settle_s` before `now`, or
     while it was read. An mtime in the future (a copy that kept its source's times, a skewed
     clock) counts as settled: a copier sets such times only once the bytes are written."""
     before = _size_mtime(f)
     if before is None:  # gone since it was listed (moved away), or a link to nothing
-        return ("", "a link to a file that is not there") if f.is_symlink() else None
+        return Read(why="a link to a file that is not there") if f.is_symlink() else None
     if 0 <= now - before[1] / 1e9 < settle_s:
         return None
     try:
@@ -141,7 +149,7 @@ def settled_read(f: Path, now: float, settle_s: float) -> Optional[tuple[str, st
         sha = file_sha256(f) if not why else ""
     except OSError:  # moved away while read
         return None
-    return None if _size_mtime(f) != before else (sha, why)
+    return None if _size_mtime(f) != before else Read(sha, why)
 
 
 def _size_mtime(f: Path) -> Optional[tuple[int, int]]:
