@@ -258,6 +258,23 @@ def test_a_process_killed_while_writing_a_version_leaves_the_store_valid(make_wo
     assert result.exit_code == 0 and report["version"] == "v1"
 
 
+def test_a_guard_killed_before_head_moved_says_how_to_make_the_version_current(make_workspace, vit_bundle, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=1)
+    result, manifest = _invoke("apply", "-C", str(root), "--diagnosis", "none", "--json")
+    assert result.exit_code == 0, result.output
+    done = subprocess.run([sys.executable, "-m", "vepatch", "guard", "-C", str(root)], capture_output=True, text=True,
+                          env={**os.environ, "VEPATCH_FAULT_AT": "before-head"})
+    assert done.returncode == -9, done.stderr  # killed between the version's rename and HEAD
+    ws = store.Workspace(root)
+    assert store.versions(ws) == ["v1"] and store.head(ws) == "base"
+    result, _ = _invoke("guard", manifest["candidate_id"], "-C", str(root))
+    assert result.exit_code == 2 and "vepatch rollback v1" in result.output, result.output
+
+
 def test_a_write_killed_midway_is_invisible(make_workspace, vit_bundle, tmp_path):
     root = _ws(make_workspace, vit_bundle, tmp_path)
     ws = store.Workspace(root)

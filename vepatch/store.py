@@ -225,7 +225,9 @@ def check_unjudged(ws: Workspace, candidate_id: str) -> None:
     """A candidate's verdict is written once: judging it again is an error naming its fate."""
     version = version_of(ws, candidate_id)
     if version:
-        raise UsageError(f"candidate {candidate_id} is already {version}", f"`vepatch show {version}` shows its verdict")
+        current = "" if head(ws) != read_manifest(ws, version).parent else \
+            f"; HEAD is still its parent (--no-promote, or a crash before HEAD moved): `vepatch rollback {version}` makes it current"
+        raise UsageError(f"candidate {candidate_id} is already {version}", f"`vepatch show {version}` shows its verdict{current}")
     verdict = read_candidate_verdict(ws, candidate_id)
     if verdict is not None:
         raise UsageError(f"candidate {candidate_id} was judged already ({'accepted' if verdict.accepted else 'refused'})",
