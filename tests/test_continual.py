@@ -111,6 +111,14 @@ def test_an_inbox_folder_mapped_through_shot_pool_folders_is_trained_on(make_wor
     assert sum(1 for f in m.train_files if f.startswith(str(tonight.relative_to(root)) + "/red_square/")) == 3
 
 
+def test_a_mapped_folder_staged_under_its_own_name_by_an_earlier_version_is_still_read(tmp_path):
+    from vepatch.inbox import staged_samples
+
+    tiny.make_folder(tmp_path / "train", 2, classes=["local", "green circle"])
+    samples = staged_samples(tmp_path / "train", list(tiny.CLASSES), {"local": "red square"})
+    assert sorted(s.label for s in samples) == [0, 0, 1, 1]
+
+
 def test_bad_drops_are_quarantined_and_the_night_goes_on(make_workspace, vit_bundle, tmp_path):
     root = _ws(make_workspace, vit_bundle, tmp_path)
     _drop(root, seed=3)

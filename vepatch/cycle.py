@@ -282,7 +282,7 @@ def version_holdouts(ctx: Context) -> set[str]:
 def holdout_set(ctx: Context, state: CycleState) -> ImageSet:
     """The cycle's target holdout, from its own copy of the images."""
     folder, classes = ctx.workspace.cycle_holdout(state.cycle_id), list(ctx.recipe.classes)
-    return ImageSet("target-holdout", str(folder), classes, staged_samples(folder, classes))
+    return ImageSet("target-holdout", str(folder), classes, staged_samples(folder, classes, inbox_folders(ctx)))
 
 
 def _record_failure(ctx: Context, state: CycleState, exc: Exception) -> bool:

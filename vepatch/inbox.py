@@ -224,7 +224,7 @@ def labelled_pool(ctx: Context, usable_cycles: list[str], held_out: set[str]) ->
     one set with the recipe's classes; None when there is none."""
     recipe, ws = ctx.recipe, ctx.workspace
     classes = list(recipe.classes)
-    samples = [x for cycle_id in usable_cycles for x in staged_samples(ws.cycle_train(cycle_id), classes)]
+    samples = [x for cycle_id in usable_cycles for x in staged_samples(ws.cycle_train(cycle_id), classes, inbox_folders(ctx))]
     if recipe.shot_pool is not None:
         spec = recipe.shot_pool
         pool = open_image_set(ctx.resolve(spec.path), classes, spec.folders, spec.name or "pool", spec.max_per_class, recipe.seed)
@@ -236,11 +236,12 @@ def labelled_pool(ctx: Context, usable_cycles: list[str], held_out: set[str]) ->
     return ImageSet("labelled", str(ws.cycles), classes, samples) if samples else None
 
 
-def staged_samples(folder: Path, classes: list[str]) -> list[Sample]:
-    """The images a cycle staged in `folder` (<class>/<hash>.<ext>), labelled by their folder."""
+def staged_samples(folder: Path, classes: list[str], folders: Optional[dict[str, str]] = None) -> list[Sample]:
+    """The images a cycle staged in `folder` (<class>/<hash>.<ext>), labelled by their folder
+    (`folders`: shot_pool.folders, for cycles that staged a mapped inbox folder under its own name)."""
     samples = []
     for d in sorted(folder.iterdir()) if folder.is_dir() else []:
-        label = class_of_folder(d.name, classes)
+        label = class_of_folder(d.name, classes, folders)
         samples += [Sample(str(f), label) for f in sorted(d.iterdir())
                     if label is not None and f.is_file() and not f.name.startswith(".")]  # '.': a write a crash cut short
     return samples
