@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from .errors import NothingToDo, StoreError, UsageError
