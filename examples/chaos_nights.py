@@ -42,14 +42,17 @@ def vepatch(ws: Path, *args: str, fault: str = "") -> subprocess.CompletedProces
 
 
 def make_workspace(ws: Path) -> None:
-    """recipes/textile-nightly.yaml, made cheap enough for many nights: few epochs, one small guard."""
+    """recipes/textile-nightly.yaml, made cheap enough for many nights: few epochs, one small, permissive guard."""
     subprocess.run(VEPATCH + ["init", str(ws), "--recipe", str(HERE / "recipes" / "textile-nightly.yaml")], check=True,
                    capture_output=True)
     path = ws / "vepatch.yaml"
     recipe = yaml.safe_load(path.read_text())
     recipe["apply"] = {**recipe.get("apply", {}), "shots": 4, "epochs": 2}
+    # a permissive guard: most nights promote, so kills between a version's rename and HEAD happen too
+    # (the loop's bookkeeping is what is measured here, not the patches)
     recipe["guard"] = {"suites": [{"path": "builtin:digits", "name": "digits", "templates": ["a photo of the number {}."],
-                                   "max_per_class": 5}], "strengths": [0.5, 1.0]}
+                                   "max_per_class": 5, "max_drop_pp": 100.0}], "strengths": [0.5, 1.0],
+                       "min_target_gain_pp": -100.0, "max_mean_drop_pp": 100.0, "holdout_max_drop_pp": 100.0}
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
@@ -144,14 +147,14 @@ def check(ws: Path, drops: Drops) -> list[str]:
     archived = Counter(p.name for p in (ws / "archive").rglob("*") if p.is_file())
     in_quarantine = [p for p in (ws / "quarantine").rglob("*") if p.is_file() and p.name != "reasons.jsonl"]
     quarantined = Counter(p.name for p in in_quarantine)
-    reasons = {json.loads(line)["source"] for f in (ws / "quarantine").rglob("reasons.jsonl")
-               for line in f.read_text().splitlines() if line.strip()}
+    moved_to = {json.loads(line)["moved_to"] for f in (ws / "quarantine").rglob("reasons.jsonl")
+                for line in f.read_text().splitlines() if line.strip()}
     for name, kind in drops.files.items():
         if archived[name] + quarantined[name] != 1:
             problems.append(f"{name} ({kind}): {archived[name]} time(s) in archive/, {quarantined[name]} in quarantine/")
-    for p in in_quarantine:  # quarantine/<day>/<class folder>/<file>: its reason names the file or its folder
-        folder = p.parent.name
-        if f"inbox/{folder}/{p.name}" not in reasons and f"inbox/{folder}" not in reasons:
+    for p in in_quarantine:  # its reason names where it (or its folder: an unknown class) was moved to
+        here = p.relative_to(ws)
+        if not any(str(part) in moved_to for part in (here, *here.parents)):
             problems.append(f"{p}: quarantined without a reason")
     left = [p for p in (ws / "inbox").rglob("*") if p.is_file()]
     problems += [f"{p}: still in the inbox" for p in left]
