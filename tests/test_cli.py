@@ -109,3 +109,23 @@ def test_the_confusion_matrix_becomes_top_confusions_when_it_does_not_fit():
         assert max(len(line) for line in text.splitlines()) <= 80
         assert ("top confusions" in text) == (k == 12)
         assert "class number 0" in text
+
+
+NO_MODEL = [["--help"], ["aply"], ["apply", "--method", "lorsa"], ["log"], ["log", "--json"], ["show", "v9"],
+            ["report", "v9"], ["rollback", "v9"]]
+
+
+def test_commands_that_need_no_model_never_import_torch(make_workspace, vit_bundle):
+    """Usage errors, --help and the store's readers answer without importing torch (the
+    seconds it costs: examples/startup_time.py measures them)."""
+    import subprocess
+    import sys
+
+    root = make_workspace(vit_bundle)
+    script = ("import sys\nfrom typer.testing import CliRunner\nfrom vepatch.cli import app\n"
+              f"for args in {NO_MODEL!r}:\n"
+              f"    result = CliRunner().invoke(app, args + (['-C', {str(root)!r}] if args[0] not in ('--help', 'aply') else []))\n"
+              "    assert result.exit_code in (0, 2), (args, result.output)\n"
+              "    assert 'torch' not in sys.modules, args\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

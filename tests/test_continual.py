@@ -10,18 +10,21 @@ from pathlib import Path
 
 import tiny
 from vepatch import store
-from vepatch.recipe import ApplySpec, GuardSpec, GuardSuite
+from vepatch.recipe import ApplySpec, CycleSpec, DataSpec, GuardSpec, GuardSuite
 from vepatch.workspace import Workspace
 
 FAST = ApplySpec(shots=4, epochs=2, batch_size=6, rank=2, lora_alpha=2.0, augment_scale=1.0)
 
 
-def _ws(make_workspace, bundle, tmp_path, guard_path=None, apply=FAST, **guard) -> Path:
+SETTLED = CycleSpec(settle_s=0)  # tests drop complete files: none waits for the next night
+
+
+def _ws(make_workspace, bundle, tmp_path, guard_path=None, apply=FAST, cycle=SETTLED, **guard) -> Path:
     """A workspace with no shot_pool at all: the inbox is its only source of labelled images."""
     guard_set = guard_path or tiny.make_folder(tmp_path / "guardset", 4, seed=9)
     spec = dict(min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0])
     spec.update(guard)
-    return make_workspace(bundle, apply=apply, guard=GuardSpec(
+    return make_workspace(bundle, apply=apply, cycle=cycle, guard=GuardSpec(
         allow_unguarded=True, suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)], **spec))
 
 
@@ -86,6 +89,36 @@ def test_class_incremental_rounds_are_each_promoted_and_keep_earlier_fixes(make_
     assert earlier.n == 6 and earlier.change_pp >= 0
 
 
+def test_an_inbox_folder_mapped_through_shot_pool_folders_is_trained_on(make_workspace, vit_bundle, tmp_path):
+    """inbox/local/ holds red squares (shot_pool.folders maps 'local' to the class): staged,
+    held out and trained on like any class folder, never archived unused."""
+    pool = tiny.make_folder(tmp_path / "pool", 2, seed=5)
+    guard_set = tiny.make_folder(tmp_path / "guardset", 4, seed=9)
+    root = make_workspace(vit_bundle, apply=FAST, cycle=SETTLED, shot_pool=DataSpec(path=str(pool), folders={"local": "red square"}),
+                          guard=GuardSpec(suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
+                                          min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]))
+    _drop(root, seed=1)
+    (root / "inbox" / "red_square").rename(root / "inbox" / "local")
+    done = _cycle(root)
+    assert done.returncode in (0, 3), done.stderr
+    report = json.loads(done.stdout)
+    assert report["new_images"] == 12 and report["holdout_images"] == 3 and not report["quarantined"]
+    m = _manifest(root, report["candidate_id"])
+    tonight = Workspace(root).cycle_train(report["cycle_id"])
+    staged = sorted(str(p) for p in tonight.rglob("*.png"))
+    assert len(staged) == 9 and sorted(str(root / f) for f in m.train_files if str(root / f) in staged) == staged
+    assert len(m.holdout.sources) == 3 and sorted(m.holdout.labels) == [0, 1, 2]
+    assert sum(1 for f in m.train_files if f.startswith(str(tonight.relative_to(root)) + "/red_square/")) == 3
+
+
+def test_a_mapped_folder_staged_under_its_own_name_by_an_earlier_version_is_still_read(tmp_path):
+    from vepatch.inbox import staged_samples
+
+    tiny.make_folder(tmp_path / "train", 2, classes=["local", "green circle"])
+    samples = staged_samples(tmp_path / "train", list(tiny.CLASSES), {"local": "red square"})
+    assert sorted(s.label for s in samples) == [0, 0, 1, 1]
+
+
 def test_bad_drops_are_quarantined_and_the_night_goes_on(make_workspace, vit_bundle, tmp_path):
     root = _ws(make_workspace, vit_bundle, tmp_path)
     _drop(root, seed=3)
@@ -122,6 +155,109 @@ def test_a_drop_with_only_bad_files_exits_4(make_workspace, vit_bundle, tmp_path
     done = _cycle(root)
     assert done.returncode == 4 and "quarantine" in json.loads(done.stdout)["reason"]
     assert next((root / "quarantine").iterdir()).joinpath("red_square", "broken.jpg").is_file()
+
+
+def _age(root: Path, seconds: float, now: float) -> None:
+    """Every file in the inbox as if last written `seconds` before `now`."""
+    for f in (root / "inbox").rglob("*.png"):
+        os.utime(f, (now - seconds, now - seconds))
+
+
+def test_a_drop_still_being_copied_waits_for_the_next_night_never_quarantined(make_workspace, vit_bundle, tmp_path):
+    """cron may start while an operator's cp is half-way: a file written less than
+    cycle.settle_s ago stays in the inbox; once it has stood still that long it is judged."""
+    from vepatch.context import open_context
+    from vepatch.inbox import scan_inbox
+
+    root = _ws(make_workspace, vit_bundle, tmp_path, cycle=CycleSpec(settle_s=120))
+    _drop(root, seed=1, per_class=2)
+    now = 2_000_000_000.0  # the scan's clock, injected: no sleeping, no race
+    _age(root, 600, now)
+    whole = (root / "inbox" / "red_square" / "s1-000.png").read_bytes()
+    partial = root / "inbox" / "red_square" / "half.png"
+    partial.write_bytes(whole[: len(whole) // 2])  # the copy is half-way
+    os.utime(partial, (now - 30, now - 30))
+    ctx = open_context(root)
+    scan = scan_inbox(ctx, now=now)
+    assert len(scan.new) == 6 and scan.settling == [partial] and not scan.bad
+    scan = scan_inbox(ctx, now=now + 91)  # untouched for two minutes: a truncated file is a bad drop
+    assert [p for p, _ in scan.bad] == [partial] and not scan.settling
+
+
+def test_a_file_that_grows_while_it_is_read_waits_for_the_next_night(make_workspace, vit_bundle, tmp_path, monkeypatch):
+    import vepatch.inbox
+    from vepatch.context import open_context
+
+    root = _ws(make_workspace, vit_bundle, tmp_path)  # settle_s 0: only the growth itself tells
+    _drop(root, seed=1, per_class=2)
+    growing = root / "inbox" / "green_circle" / "s1-001.png"
+    real = vepatch.inbox.read_image
+
+    def copier_still_writing(path):
+        if path == growing:
+            with open(growing, "ab") as f:
+                f.write(b"more bytes")
+        return real(path)
+
+    monkeypatch.setattr(vepatch.inbox, "read_image", copier_still_writing)
+    scan = vepatch.inbox.scan_inbox(open_context(root))
+    assert scan.settling == [growing] and len(scan.new) == 5 and not scan.bad
+
+
+def test_a_night_leaves_a_fresh_drop_in_the_inbox_and_says_so(make_workspace, vit_bundle, tmp_path):
+    import time
+
+    root = _ws(make_workspace, vit_bundle, tmp_path, cycle=CycleSpec(settle_s=86_400))  # a day: the test's clock cannot matter
+    _drop(root, seed=1)
+    _age(root, 2 * 86_400, time.time())
+    fresh = root / "inbox" / "blue_stripes" / "fresh.png"
+    fresh.write_bytes((root / "inbox" / "blue_stripes" / "s1-000.png").read_bytes()[:100])  # being copied right now
+    done = _cycle(root)
+    assert done.returncode in (0, 3), done.stderr
+    report = json.loads(done.stdout)
+    assert report["new_images"] == 12 and report["waiting"] == 1 and not report["quarantined"]
+    assert [p for p in (root / "inbox").rglob("*.png")] == [fresh] and not (root / "quarantine").exists()
+
+
+def test_a_file_replaced_during_the_night_is_neither_archived_unseen_nor_lost(make_workspace, vit_bundle, tmp_path,
+                                                                              monkeypatch):
+    """An operator drops a new image under the name of one the night is training on: the
+    night archives what it trained on and leaves the new one in the inbox for the next."""
+    import io
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    import vepatch.cycle
+    from vepatch.cli import app
+    from vepatch.inbox import file_sha256, seen_hashes
+
+    root = _ws(make_workspace, vit_bundle, tmp_path)
+    _drop(root, seed=1)
+    victim = root / "inbox" / "red_square" / "s1-000.png"
+    old = file_sha256(victim)
+    buf = io.BytesIO()
+    tiny.draw(0, np.random.default_rng(99)).save(buf, format="PNG")
+    real = vepatch.cycle._advance
+
+    def operator_replaces_a_drop(ctx, state):
+        done = real(ctx, state)
+        victim.write_bytes(buf.getvalue())  # same name, new content, while the night runs
+        return done
+
+    monkeypatch.setattr(vepatch.cycle, "_advance", operator_replaces_a_drop)
+    result = CliRunner().invoke(app, ["cycle", "-C", str(root), "--json"])
+    assert result.exit_code in (0, 3), result.output
+    monkeypatch.undo()
+    new = file_sha256(victim)  # still in the inbox, unseen
+    archived = {file_sha256(p) for p in (root / "archive").rglob("*.png")}
+    seen = seen_hashes(Workspace(root))
+    assert new != old and old in archived and old in seen and new not in archived and new not in seen
+    assert len(archived) == 12
+    nxt = _cycle(root)  # the next night takes it (one image: it joins the pool)
+    assert nxt.returncode == 4 and json.loads(nxt.stdout)["new_images"] == 1, nxt.stderr
+    assert not list((root / "inbox").rglob("*.png"))
+    assert new in {file_sha256(p) for p in (root / "archive").rglob("*.png")}
 
 
 def test_a_cycle_failing_the_same_way_twice_is_set_aside(make_workspace, vit_bundle, tmp_path):
@@ -277,7 +413,7 @@ def test_a_holdout_image_is_not_trained_on_through_the_shot_pool_either(make_wor
 
     pool = tiny.make_folder(tmp_path / "pool", 4, seed=50)
     guard_set = tiny.make_folder(tmp_path / "guardset", 4, seed=9)
-    root = make_workspace(vit_bundle, shot_pool=DataSpec(path=str(pool), name="pool"),  # 8 shots: the whole pool is wanted
+    root = make_workspace(vit_bundle, cycle=SETTLED, shot_pool=DataSpec(path=str(pool), name="pool"),  # 8 shots: the whole pool is wanted
                           apply=dataclasses.replace(FAST, shots=8), guard=GuardSpec(
         allow_unguarded=True, suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
         min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]))
@@ -296,7 +432,7 @@ def test_an_accepted_versions_holdout_is_never_trained_on_by_a_cycle(make_worksp
 
     pool = tiny.make_folder(tmp_path / "pool", 6, seed=60)
     guard_set = tiny.make_folder(tmp_path / "guardset", 4, seed=9)
-    root = make_workspace(vit_bundle, shot_pool=DataSpec(path=str(pool), name="pool"),
+    root = make_workspace(vit_bundle, cycle=SETTLED, shot_pool=DataSpec(path=str(pool), name="pool"),
                           apply=dataclasses.replace(FAST, shots=3), guard=GuardSpec(
         allow_unguarded=True, suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
         min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]))

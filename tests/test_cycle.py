@@ -10,7 +10,7 @@ import pytest
 
 import tiny
 from vepatch import store
-from vepatch.recipe import ApplySpec, DataSpec, GuardSpec, GuardSuite
+from vepatch.recipe import ApplySpec, CycleSpec, DataSpec, GuardSpec, GuardSuite
 from vepatch.workspace import Workspace
 
 
@@ -22,6 +22,7 @@ def _cycle_ws(make_workspace, bundle, tmp_path) -> Path:
         apply=ApplySpec(shots=4, epochs=1, batch_size=6, rank=2, lora_alpha=2.0, augment_scale=1.0),
         guard=GuardSpec(allow_unguarded=True, suites=[GuardSuite(path=str(guard_set), name="colours", max_drop_pp=100.0)],
                         min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0]),
+        cycle=CycleSpec(settle_s=0),  # tests drop complete files
     )
     return root
 
@@ -67,7 +68,8 @@ def test_cycle_promotes_then_has_nothing_to_do(make_workspace, vit_bundle, tmp_p
     assert events.count("cycle") == 3
 
 
-@pytest.mark.parametrize("fault", ["after-stage", "after-diagnose", "after-apply", "after-guard", "mid-archive"])
+@pytest.mark.parametrize("fault", ["after-stage", "after-diagnose", "after-apply", "before-head", "after-version",
+                                   "after-guard", "mid-archive"])
 def test_a_cycle_killed_anywhere_is_finished_by_the_next(make_workspace, vit_bundle, tmp_path, fault):
     root = _cycle_ws(make_workspace, vit_bundle, tmp_path)
     hashes = _drop(root, seed=2)
@@ -84,7 +86,29 @@ def test_a_cycle_killed_anywhere_is_finished_by_the_next(make_workspace, vit_bun
     # no image lost, none processed twice, at most one version for this batch
     assert sorted(hashes) == _archived_hashes(root) and not list((root / "inbox").rglob("*.png"))
     assert len(store.versions(ws)) <= 1 and set(versions_after_kill) <= set(store.versions(ws))
+    # a promoted night leaves HEAD on its version, whenever it was killed
+    assert store.head(ws) == (report["version"] if report["status"] == "promoted" else "base")
+    assert report["status"] != "promoted" or store.versions(ws) == [report["version"]]
+    verify = subprocess.run([sys.executable, "-m", "vepatch", "verify", "-C", str(root), "--json"], capture_output=True, text=True)
+    assert verify.returncode == 0 and json.loads(verify.stdout)["ok"], verify.stdout + verify.stderr
     assert _run(root).returncode == 4
+
+
+def test_a_night_killed_between_writing_a_version_and_moving_head_moves_it_when_resumed(make_workspace, vit_bundle, tmp_path):
+    """The window between renaming patches/vN into place and writing HEAD: vN exists, HEAD is
+    still its parent; the resumed night must finish the promotion, not only report it."""
+    root = _cycle_ws(make_workspace, vit_bundle, tmp_path)
+    _drop(root, seed=2)
+    killed = _run(root, fault="before-head")
+    assert killed.returncode == -9, killed.stderr  # killed inside write_version: the guard accepted
+    ws = Workspace(root)
+    assert store.versions(ws) == ["v1"] and store.head(ws) == "base"
+    resumed = _run(root)
+    report = json.loads(resumed.stdout)
+    assert resumed.returncode == 0 and report["resumed"] and report["status"] == "promoted" and report["version"] == "v1"
+    assert store.head(ws) == "v1"
+    verify = subprocess.run([sys.executable, "-m", "vepatch", "verify", "-C", str(root), "--json"], capture_output=True, text=True)
+    assert verify.returncode == 0 and json.loads(verify.stdout)["ok"], verify.stdout + verify.stderr
 
 
 def test_a_second_cycle_exits_5_while_one_holds_the_lock(make_workspace, vit_bundle, tmp_path):

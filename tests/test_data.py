@@ -1,5 +1,7 @@
+import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +116,39 @@ def test_merged_sets_join_classes_by_name_and_keep_each_image_once():
     assert pooled.name == "history" and pooled.classnames == ["nominal", "global defect", "local defect"]
     assert [(s.source, pooled.classnames[s.label]) for s in pooled.samples] == [
         ("/a/1.png", "nominal"), ("/a/2.png", "global defect"), ("/b/3.png", "local defect")]
+
+
+def test_a_hash_sign_in_a_path_is_part_of_the_file_name(tmp_path):
+    """A saved dataset's rows are '<dir>#<row>'; a file or folder whose name holds '#' is still
+    a file: its set hashes (the prediction cache's key), loads and reopens as a holdout."""
+    import datasets
+    import torch
+
+    from vepatch.data import open_holdout
+    from vepatch.records import HoldoutRef
+    from vepatch.runtime.predcache import key
+
+    ws = tmp_path / "ws#1"
+    root = tiny.make_folder(ws / "suite#2", 2)
+    for f in root.glob("*/*.png"):
+        f.rename(f.with_name(f"IMG#{f.stem}.png"))
+    s = open_image_set(root, tiny.CLASSES)
+    assert len(s) == 6 and s.load(s.samples[0]).size == (32, 32)
+    before = key("fp", "pre", torch.zeros(3, 4), s, 8, "cpu")
+    first = Path(s.samples[0].source)
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    assert key("fp", "pre", torch.zeros(3, 4), s, 8, "cpu") != before  # a replaced file is a new key
+    ref = HoldoutRef("h", list(s.classnames), ["{}"], [str(Path(x.source).relative_to(ws)) for x in s.samples], s.labels)
+    held = open_holdout(ref, ws)
+    assert [x.source for x in held.samples] == [x.source for x in s.samples] and held.dataset is None
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["red_square", "blue_stripes"])})
+    ds = datasets.Dataset.from_dict({"image": [tiny.draw(0, rng), tiny.draw(2, rng)], "label": [0, 1]}, features=features)
+    ds.save_to_disk(str(ws / "saved#3"))
+    rows = open_image_set(ws / "saved#3", classnames=tiny.CLASSES)
+    assert rows.samples[1].source.endswith("saved#3#1") and rows.load(rows.samples[1]).mode == "RGB"
+    assert key("fp", "pre", torch.zeros(3, 4), rows, 8, "cpu")
+    ref = HoldoutRef("h", list(rows.classnames), ["{}"], [str(Path(x.source).relative_to(ws)) for x in rows.samples], rows.labels)
+    again = open_holdout(ref, ws)
+    assert again.dataset is not None and [x.source for x in again.samples] == [x.source for x in rows.samples]

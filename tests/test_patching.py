@@ -1,6 +1,7 @@
 """apply -> candidate -> guard -> version, on the tiny ViT."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +76,53 @@ def test_same_seed_same_patch_bytes(make_workspace, vit_bundle, tmp_path):
         assert result.exit_code == 0, result.output
         shas.append(manifest["patch_sha256"])
     assert shas[0] == shas[1]
+
+
+@pytest.mark.parametrize("method", ["lorsu", "lora", "full"])
+def test_reset_restores_every_trained_tensor(vit_bundle, method):
+    """An out-of-memory retry starts where the first attempt did: LoRA's random `down` /
+    `lora_A` factors too, not only the parent's weights."""
+    import copy
+
+    from vepatch.masks import build_masks
+    from vepatch.methods import get
+    from vepatch.models import load_model
+    from vepatch.models.towers import describe_tower
+    from vepatch.recipe import ApplySpec
+
+    loaded = load_model(f"local-dir:{vit_bundle}")
+    tower = describe_tower(loaded.model)
+    grads = {n: torch.randn_like(p) for n, p in loaded.model.named_parameters() if n in tower.fc1 + tower.qkv}
+    masks = build_masks(grads, tower, 0.1, 2)
+    trainable = get(method).make(copy.deepcopy(loaded.model.visual), tower, masks, ApplySpec(rank=2))
+    start = {n: p.detach().clone() for n, p in trainable.visual.named_parameters()}
+    with torch.no_grad():
+        for p in trainable.params:
+            p.add_(torch.randn_like(p))  # a half-trained first attempt
+    trainable.reset()
+    for n, p in trainable.visual.named_parameters():
+        assert torch.equal(p, start[n]), n
+
+
+def test_an_out_of_memory_retry_gives_the_same_patch_bytes(make_workspace, vit_bundle, tmp_path, monkeypatch):
+    import vepatch.apply
+
+    root = _ws(make_workspace, vit_bundle, tmp_path, shots=4, batch_size=32, epochs=2)  # 12 shots: one batch at 32 or 16
+    result, plain = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none")
+    assert result.exit_code == 0, result.output
+    real, calls = vepatch.apply.train, []
+
+    def first_runs_out_of_memory(*args, **kwargs):
+        stats = real(*args, **kwargs)  # trains the adapter, then the GPU is full
+        calls.append(stats)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return stats
+
+    monkeypatch.setattr(vepatch.apply, "train", first_runs_out_of_memory)
+    result, retried = _invoke("apply", "-C", str(root), "--json", "--diagnosis", "none")
+    assert result.exit_code == 0 and len(calls) == 2, result.output
+    assert retried["patch_sha256"] == plain["patch_sha256"]
 
 
 def test_guard_accepts_writes_version_and_export_loads_in_open_clip(make_workspace, vit_bundle, tmp_path):
@@ -208,6 +256,23 @@ def test_a_process_killed_while_writing_a_version_leaves_the_store_valid(make_wo
     assert result.exit_code == 0 and out["ok"], result.output
     result, report = _invoke("guard", "-C", str(root), "--json")  # the next run completes the work
     assert result.exit_code == 0 and report["version"] == "v1"
+
+
+def test_a_guard_killed_before_head_moved_says_how_to_make_the_version_current(make_workspace, vit_bundle, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=1)
+    result, manifest = _invoke("apply", "-C", str(root), "--diagnosis", "none", "--json")
+    assert result.exit_code == 0, result.output
+    done = subprocess.run([sys.executable, "-m", "vepatch", "guard", "-C", str(root)], capture_output=True, text=True,
+                          env={**os.environ, "VEPATCH_FAULT_AT": "before-head"})
+    assert done.returncode == -9, done.stderr  # killed between the version's rename and HEAD
+    ws = store.Workspace(root)
+    assert store.versions(ws) == ["v1"] and store.head(ws) == "base"
+    result, _ = _invoke("guard", manifest["candidate_id"], "-C", str(root))
+    assert result.exit_code == 2 and "vepatch rollback v1" in result.output, result.output
 
 
 def test_a_write_killed_midway_is_invisible(make_workspace, vit_bundle, tmp_path):
@@ -355,6 +420,54 @@ def test_apply_reuses_only_a_diagnosis_that_matches_its_method_and_budget(make_w
     assert manifest["diagnosis"] == sorted((root / ".vepatch" / "diagnoses").glob("*.json"))[-1].name
 
 
+def _stored_mask(delta: Delta, name: str, numel: int) -> torch.Tensor:
+    from vepatch.delta import unpack_bits
+
+    t = delta.tensors
+    if f"{name}#sparse.index" in t:
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[t[f"{name}#sparse.index"].long()] = True
+        return mask
+    return unpack_bits(t[f"{name}#sparse.bits"], numel)
+
+
+def test_the_quickstart_on_a_cnn_tower_trains_on_the_diagnosis_it_made(make_workspace, cnn_bundle, tmp_path):
+    """README quickstart (diagnose errors/, then apply) on a tower without attention heads:
+    the diagnosis records no head budget, which is no mismatch with the recipe's 2."""
+    from safetensors.torch import load_file
+
+    root = _ws(make_workspace, cnn_bundle, tmp_path, epochs=1)
+    errors = tiny.make_folder(tmp_path / "errors", 3, seed=11)
+    result, made = _invoke("diagnose", str(errors), "-C", str(root), "--json")
+    if result.exit_code == 4:
+        pytest.skip("random tiny model made no error")
+    assert result.exit_code == 0 and made["diagnosis"]["heads_per_layer"] == 0, result.output
+    result, manifest = _invoke("apply", "-C", str(root), "--json")
+    assert result.exit_code == 0, result.output
+    diagnosis_file = Path(made["file"])
+    assert manifest["diagnosis"] == diagnosis_file.name and not manifest["diagnosis_note"]
+    masks = load_file(str(diagnosis_file.with_name(made["diagnosis"]["masks_file"])))
+    _, delta = store.read_candidate(store.Workspace(root), manifest["candidate_id"])
+    fc1 = [k.removeprefix("fc1/") for k in masks if k.startswith("fc1/")]
+    assert fc1
+    for name in fc1:  # the candidate's sparse entries are exactly the diagnosis's
+        assert torch.equal(_stored_mask(delta, name, masks[f"fc1/{name}"].numel()), masks[f"fc1/{name}"].bool().reshape(-1))
+
+
+def test_apply_says_why_it_passed_a_diagnosis_over(make_workspace, vit_bundle, tmp_path):
+    root = _ws(make_workspace, vit_bundle, tmp_path, epochs=1)
+    errors = tiny.make_folder(tmp_path / "errors", 3, seed=11)
+    result = runner.invoke(app, ["diagnose", str(errors), "-C", str(root), "--fc1-fraction", "0.5"])
+    if result.exit_code == 4:
+        pytest.skip("random tiny model made no error")
+    result, manifest = _invoke("apply", "-C", str(root), "--json")
+    assert result.exit_code == 0 and manifest["diagnosis"] == "", result.output
+    assert "fc1_fraction 0.5" in manifest["diagnosis_note"] and "scored on the shots" in manifest["diagnosis_note"]
+    result = runner.invoke(app, ["apply", "-C", str(root)])
+    note = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert result.exit_code == 0 and len(note) == 1 and "fc1_fraction 0.5" in note[0], result.output
+
+
 def test_a_moved_workspace_keeps_its_holdouts(make_workspace, vit_bundle, tmp_path):
     """Holdouts inside the workspace are stored relative to it: v1's still guards after a move."""
     import shutil
@@ -373,6 +486,29 @@ def test_a_moved_workspace_keeps_its_holdouts(make_workspace, vit_bundle, tmp_pa
     assert result.exit_code == 0, result.output
     names = {s["name"] for s in report["trials"][0]["suites"]}
     assert "history" in names
+
+
+def test_a_hash_sign_in_workspace_and_image_paths_guards_as_any_other(make_workspace, vit_bundle, tmp_path):
+    """'#' marks a saved dataset's row ('<dir>#<row>'), never a file: a workspace named 'ws#1',
+    images named 'IMG#0001.png' and a guard suite 'suite#2' open, cache and guard as files."""
+    import shutil
+
+    root = make_workspace(vit_bundle, shot_pool=DataSpec(path="pool#1", name="pool"),
+                          apply=ApplySpec(shots=6, epochs=1, batch_size=6, augment_scale=1.0),
+                          guard=GuardSpec(suites=[GuardSuite(path="suite#2", name="colours", max_drop_pp=100.0)],
+                                          min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0],
+                                          holdout_max_drop_pp=100.0))
+    for folder, n in (("pool#1", 14), ("suite#2", 4)):
+        for f in tiny.make_folder(root / folder, n, seed=5).glob("*/*.png"):
+            f.rename(f.with_name(f"IMG#{f.stem}.png"))
+    hashed = tmp_path / "ws#1"
+    shutil.move(str(root), str(hashed))
+    for _ in range(2):  # the second guard also re-checks v1's holdout, from the store
+        assert _invoke("apply", "-C", str(hashed), "--diagnosis", "none")[0].exit_code == 0
+        result, report = _invoke("guard", "-C", str(hashed), "--json")
+        assert result.exit_code == 0 and report["accepted"], result.output
+    suites = {s["name"]: s["n"] for s in report["trials"][0]["suites"]}
+    assert suites["colours"] == 12 and suites["v1-holdout"] == 24
 
 
 def test_gc_lists_then_removes_refused_promoted_and_bench_candidates_never_a_version(make_workspace, vit_bundle, tmp_path):

@@ -67,39 +67,57 @@ def holdout_ref(holdout: ImageSet, name: str, recipe: Recipe, ws: Workspace) -> 
                       [ws.portable(s.source) for s in holdout.samples], holdout.labels)
 
 
-def mismatch(d: Diagnosis, fingerprint_: str, spec: DiagnoseSpec) -> str:
+def mismatch(d: Diagnosis, fingerprint_: str, spec: DiagnoseSpec, tower: Tower) -> str:
     """Why diagnosis `d` cannot give the masks this apply would compute ('' if it can): same
     model version, the recipe's budget (fc1_fraction, heads_per_layer), and real blame, not
-    the random control."""
+    the random control. A head budget counts as the heads `tower` has: a CNN has none (its
+    diagnosis records 0), and asking for more heads than a block has selects them all."""
     if d.fingerprint != fingerprint_:
         return "made on another model version"
     if d.control != "none":
         return f"its masks are the '{d.control}' control"
-    if (d.fc1_fraction, d.heads_per_layer) != (spec.fc1_fraction, spec.heads_per_layer):
+    if (d.fc1_fraction, heads_budget(d.heads_per_layer, tower)) != (spec.fc1_fraction, heads_budget(spec.heads_per_layer, tower)):
         return (f"made with fc1_fraction {d.fc1_fraction:g} / heads_per_layer {d.heads_per_layer}, the recipe says "
                 f"{spec.fc1_fraction:g} / {spec.heads_per_layer}")
     return ""
 
 
-def diagnosis_masks(ctx: Context, fingerprint_: str, choice: str, spec: DiagnoseSpec) -> tuple[Optional[Masks], str]:
+def heads_budget(heads_per_layer: int, tower: Tower) -> int:
+    """The heads per block a budget selects on `tower` (build_masks: at most the block's heads)."""
+    return min(heads_per_layer, tower.num_heads) if tower.qkv else 0
+
+
+@dataclass(frozen=True)
+class DiagnosisChoice:
+    """The masks apply takes from a diagnosis, and why the newest diagnosis was passed over."""
+
+    masks: Optional[Masks] = None
+    file: str = ""  # the diagnosis used ('' if none)
+    note: str = ""  # one line when the newest diagnosis was passed over ('' otherwise)
+
+
+def diagnosis_masks(ctx: Context, fingerprint_: str, choice: str, spec: DiagnoseSpec, tower: Tower) -> DiagnosisChoice:
     """Masks of the chosen diagnosis ('latest': the newest that matches, see `mismatch`; a file
     name: that one, or an error saying why it does not fit; 'none')."""
     from safetensors.torch import load_file
 
     if choice == "none":
-        return None, ""
+        return DiagnosisChoice()
     folder = ctx.workspace.diagnoses
     files = sorted(folder.glob("*.json")) if choice == "latest" else [folder / (choice if choice.endswith(".json") else choice + ".json")]
+    passed = ""
     for path in reversed(files):
         if not path.is_file():
             raise UsageError(f"{path}: no such diagnosis", "use --diagnosis latest or a file in .vepatch/diagnoses/")
         d = read_record(Diagnosis, path)
-        why = mismatch(d, fingerprint_, spec)
+        why = mismatch(d, fingerprint_, spec, tower)
         if not why:
-            return Masks.from_tensors(load_file(str(folder / d.masks_file))), path.name
+            masks = Masks.from_tensors(load_file(str(folder / d.masks_file)))
+            return DiagnosisChoice(masks, path.name, f"{passed}; used {path.name} instead" if passed else "")
         if choice != "latest":
             raise UsageError(f"{path}: {why}", "diagnose again with the recipe's settings, or use --diagnosis latest")
-    return None, ""
+        passed = passed or f"diagnosis {path.name} passed over: {why}"
+    return DiagnosisChoice(note=f"{passed}; masks scored on the shots" if passed else "")
 
 
 def score_masks(ctx: Context, loaded: LoadedModel, head: torch.Tensor, shots: ImageSet, method: Method,
@@ -145,17 +163,18 @@ def _apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan], diagnosis: st
 
         delta, allowed, stats = train_prompts(method, loaded, train_preprocess(loaded, spec.augment_scale), shots,
                                               recipe.classes, recipe.templates, spec, recipe.seed, ctx.device, progress)
-        return _write(ctx, recipe, plan, loaded, version, delta, dict(sorted(allowed.items())), stats, "", origin)
+        return _write(ctx, recipe, plan, loaded, version, delta, dict(sorted(allowed.items())), stats, DiagnosisChoice(), origin)
 
-    masks, diagnosis_file = None, ""
+    chosen = DiagnosisChoice()
     if method.masks == "diagnosis":
-        masks, diagnosis_file = diagnosis_masks(ctx, loaded.fingerprint, diagnosis, recipe.diagnose)
+        chosen = diagnosis_masks(ctx, loaded.fingerprint, diagnosis, recipe.diagnose, tower)
+    masks = chosen.masks
     if method.needs_masks and masks is None:
         masks = score_masks(ctx, loaded, head, shots, method, recipe, tower)
 
     visual = copy.deepcopy(loaded.model.visual)
     torch.manual_seed(recipe.seed)  # LoRA factors are initialized from the global generator
-    trainable = method.build(visual, tower, masks, spec)
+    trainable = method.make(visual, tower, masks, spec)
     prompts = None
     if spec.loss == "contrastive":  # (classes, templates, dim): one random template per image
         prompts = torch.stack([text_head(loaded, recipe.classes, [t]) for t in recipe.templates], dim=1)
@@ -175,7 +194,7 @@ def _apply(ctx: Context, recipe: Recipe, plan: Optional[ShotPlan], diagnosis: st
     delta = trainable.delta().stored_as(spec.patch_dtype)  # rounded before it is judged: the guard sees what is stored
     allowed = dict(sorted(trainable.summary.items()))
     del visual, trainable
-    return _write(ctx, recipe, plan, loaded, version, delta, allowed, stats, diagnosis_file, origin)
+    return _write(ctx, recipe, plan, loaded, version, delta, allowed, stats, chosen, origin)
 
 
 def check_cafe(loaded: LoadedModel, method: Method) -> None:
@@ -188,7 +207,7 @@ def check_cafe(loaded: LoadedModel, method: Method) -> None:
 
 
 def _write(ctx: Context, recipe: Recipe, plan: ShotPlan, loaded: LoadedModel, version: str, delta, allowed: dict[str, int],
-           stats, diagnosis_file: str, origin: str) -> PatchManifest:
+           stats, chosen: DiagnosisChoice, origin: str) -> PatchManifest:
     """The candidate's manifest and patch, written to the store."""
     spec, shots = recipe.apply, plan.shots
     data = delta.to_bytes()
@@ -213,7 +232,8 @@ def _write(ctx: Context, recipe: Recipe, plan: ShotPlan, loaded: LoadedModel, ve
         train_files=[ctx.workspace.portable(s.source) for s in shots.samples],
         cycle=plan.cycle,
         origin="cycle" if plan.cycle else origin,
-        diagnosis=diagnosis_file,
+        diagnosis=chosen.file,
+        diagnosis_note=chosen.note,
         recipe=recipe,
         libraries=libraries(),
         metrics=stats,

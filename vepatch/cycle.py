@@ -17,9 +17,9 @@ import json
 import math
 import os
 import random
-import signal
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 from . import clock, store
@@ -28,9 +28,10 @@ from .apply import ShotPlan, holdout_ref
 from .context import Context
 from .data import ImageSet
 from .errors import NothingToDo, VepatchError
-from .fsio import append_line, write_text_atomic
-from .inbox import (InboxFile, Quarantined, file_sha256, inbox_dir, labelled_pool, quarantine, scan_inbox, seen_hashes,
-                    split_holdout, stage, staged_samples)
+from .faults import fault_point
+from .fsio import append_line, write_bytes_atomic, write_text_atomic
+from .inbox import (InboxFile, Quarantined, class_folder, file_sha256, inbox_dir, inbox_folders, labelled_pool, quarantine,
+                    scan_inbox, seen_hashes, split_holdout, stage, staged_samples)
 from .recipe import ApplySpec
 from .records import ClassOutcome
 
@@ -69,17 +70,12 @@ class CycleReport:
     quarantined: list[Quarantined] = field(default_factory=list)  # bad drops moved aside tonight
     outcomes: list[ClassOutcome] = field(default_factory=list)  # what the (promoted) patch did on the holdout
     report_file: str = ""  # the night's HTML page (reports/<version or candidate>.html), when a candidate was judged
+    waiting: int = 0  # drops still being written (cycle.settle_s): left in the inbox for the next run
 
     @property
     def exit_code(self) -> int:
         """What cron reads: 0 promoted (or nothing to learn), 3 refused, 4 nothing new, 5 locked, 1 failed."""
         return {"refused": 3, "nothing-new": 4, "pooled": 4, "locked": 5, "failed": 1}.get(self.status, 0)
-
-
-def fault_point(name: str) -> None:
-    """Tests kill a real cycle here: VEPATCH_FAULT_AT=<name> sends SIGKILL to this process."""
-    if os.environ.get("VEPATCH_FAULT_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save_state(ctx: Context, state: CycleState) -> None:
@@ -130,25 +126,27 @@ def run_cycle(ctx: Context, dry_run: bool = False) -> CycleReport:
     """One step; the caller holds the workspace lock."""
     ws = ctx.workspace
     state = unfinished(ctx)
-    resumed, moved = state is not None, []
+    resumed, moved, waiting = state is not None, [], 0  # waiting: drops left for the next run
     if state is None:
         scan = scan_inbox(ctx)
+        waiting = len(scan.settling)
         if dry_run:
             return CycleReport("", "dry-run", len(scan.new), len(scan.duplicates), "", "",
                                (f"would diagnose, apply and guard {len(scan.new)} new image(s)" if scan.new else "nothing new")
-                               + (f"; would quarantine {len(scan.bad)} bad drop(s)" if scan.bad else ""))
+                               + (f"; would quarantine {len(scan.bad)} bad drop(s)" if scan.bad else "")
+                               + settling_note(ctx, waiting), waiting=waiting)
         moved = quarantine(ws, scan.bad)
         if not scan.new:
             if scan.duplicates:
                 _archive(ctx, CycleState("dups-" + clock.stamp(), "judged", [], scan.duplicates))
             bad = f" ({len(moved)} bad drop(s) moved to quarantine/: {moved[0].reason}{', ...' if len(moved) > 1 else ''})" if moved else ""
-            raise NothingToDo(f"{inbox_dir(ctx)}: no new image{bad}",
+            raise NothingToDo(f"{inbox_dir(ctx)}: no new image{bad}{settling_note(ctx, waiting)}",
                               "operators drop misclassified images into inbox/<class>/")
         cycle_id = clock.stamp()
         seed = cycle_seed(ctx.recipe.seed, cycle_id)
         train, holdout = split_holdout(scan.new, ctx.recipe.cycle.holdout_share, seed)
         state = CycleState(cycle_id, "staged", scan.new, scan.duplicates, [f.sha256 for f in holdout], seed)
-        stage(ws, cycle_id, ws.root, train, holdout)
+        stage(ws, cycle_id, ws.root, train, holdout, list(ctx.recipe.classes), inbox_folders(ctx))
         save_state(ctx, state)
     elif dry_run:
         return CycleReport(state.cycle_id, "dry-run", len(state.files), len(state.duplicates), state.candidate_id,
@@ -175,7 +173,16 @@ def run_cycle(ctx: Context, dry_run: bool = False) -> CycleReport:
         except Exception as exc:
             ctx.workspace.log("report-failed", cycle=state.cycle_id, error=str(exc))
     return CycleReport(state.cycle_id, status, len(state.files), len(state.duplicates), state.candidate_id,
-                       state.version, state.reason, resumed, len(state.holdout), moved, state.outcomes, page)
+                       state.version, state.reason + settling_note(ctx, waiting), resumed, len(state.holdout), moved,
+                       state.outcomes, page, waiting)
+
+
+def settling_note(ctx: Context, waiting: int) -> str:
+    """The report's word on drops still being written ('' when there are none)."""
+    if not waiting:
+        return ""
+    return (f"; {waiting} drop(s) changed less than {ctx.recipe.cycle.settle_s:g} s ago (still being copied?): "
+            "left in the inbox for the next run")
 
 
 def _advance(ctx: Context, state: CycleState) -> CycleState:
@@ -214,6 +221,8 @@ def _advance(ctx: Context, state: CycleState) -> CycleState:
             report = store.read_verdict(ws, version)
             if report is None:
                 raise store.StoreError(f"{store.version_dir(ws, version)}: unreadable guard.json", "run `vepatch verify`")
+            if store.finish_promotion(ws, version):  # killed between writing vN and moving HEAD
+                ws.log("promote", version=version, current=True, resumed=True)
         elif (judged := store.read_candidate_verdict(ws, state.candidate_id)) is not None:
             report = judged  # refused before a crash: the verdict stands
         else:
@@ -278,13 +287,14 @@ def holdout_set(ctx: Context, state: CycleState) -> ImageSet:
     promotion together can. Empty when tonight set nothing aside."""
     ws, classes = ctx.workspace, list(ctx.recipe.classes)
     folder = ws.cycle_holdout(state.cycle_id)
-    samples = staged_samples(folder, classes)
+    mapped = inbox_folders(ctx)
+    samples = staged_samples(folder, classes, mapped)
     if samples:
         tonight = {x.label for x in samples}
         held = {ws.portable(s) for v in store.versions(ws) for s in store.read_manifest(ws, v).holdout.sources}
         for earlier in states(ctx):
             if earlier.cycle_id < state.cycle_id and earlier.step == "done" and not earlier.accepted:
-                samples += [x for x in staged_samples(ws.cycle_holdout(earlier.cycle_id), classes)
+                samples += [x for x in staged_samples(ws.cycle_holdout(earlier.cycle_id), classes, mapped)
                             if x.label in tonight and ws.portable(x.source) not in held]
     return ImageSet("target-holdout", str(folder), classes, samples)
 
@@ -328,23 +338,48 @@ def abandon(ctx: Context) -> CycleReport:
 
 
 def _archive(ctx: Context, state: CycleState) -> None:
-    """Move the cycle's inbox files to archive/<date>/<class>/ (idempotent), then mark done."""
+    """Move the cycle's inbox files to archive/<date>/<class>/ (idempotent), then mark done.
+    What is archived and marked seen is the content the cycle scanned: a file replaced since
+    (same name, new bytes) goes back to the inbox for the next run, and the scanned content
+    is archived from the cycle's staged copy."""
     ws = ctx.workspace
-    root = ws.root
     dest = ws.archive_day(state.cycle_id[:8] if state.cycle_id[:1].isdigit() else clock.day())
     recorded = seen_hashes(ws)
     for i, f in enumerate([*state.files, *state.duplicates]):
-        src = root / f.source
-        target = dest / f.label / src.name
-        if src.is_file():
-            if target.exists() and file_sha256(target) != f.sha256:
-                target = target.with_name(f"{target.stem}-{f.sha256[:8]}{target.suffix}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, target)
+        target = archive_file(ctx, state, f, dest)
         if f.sha256 not in recorded:
-            append_line(ws.seen_path, {"sha256": f.sha256, "archived": str(target.relative_to(root)), "cycle": state.cycle_id})
+            append_line(ws.seen_path, {"sha256": f.sha256, "archived": str(target.relative_to(ws.root)), "cycle": state.cycle_id})
             recorded.add(f.sha256)
         if i == 0:
             fault_point("mid-archive")
     if state.files:
         save_state(ctx, dataclasses.replace(state, step="done"))
+
+
+def archive_file(ctx: Context, state: CycleState, f: InboxFile, dest: Path) -> Path:
+    """Where the content `f` was scanned with lies in the archive, moved there now if need be."""
+    src = ctx.workspace.root / f.source
+    target = dest / f.label / src.name
+    if target.exists() and file_sha256(target) != f.sha256:
+        target = target.with_name(f"{target.stem}-{f.sha256[:8]}{target.suffix}")
+    if src.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, target)  # first the move (a writer from now on makes a new file), then the check
+        if file_sha256(target) == f.sha256:
+            return target
+        back = src if not src.exists() else src.with_name(f"{src.stem}-{file_sha256(target)[:8]}{src.suffix}")
+        os.replace(target, back)  # replaced since the scan: a new drop, for the next run
+    elif target.is_file():
+        return target  # moved before a crash (its content checked above)
+    copy = staged_copy(ctx, state, f)
+    if copy is not None:  # the scanned content, as the cycle staged it
+        write_bytes_atomic(target, copy.read_bytes())
+    return target  # (a duplicate's content was archived the night it was new)
+
+
+def staged_copy(ctx: Context, state: CycleState, f: InboxFile) -> Optional[Path]:
+    """The cycle's own copy of a new image (train/ or holdout/), if it has one."""
+    ws, folder = ctx.workspace, class_folder(f.label, list(ctx.recipe.classes), inbox_folders(ctx))
+    name = f.sha256[:16] + Path(f.source).suffix.lower()
+    found = [d / folder / name for d in (ws.cycle_train(state.cycle_id), ws.cycle_holdout(state.cycle_id))]
+    return next((p for p in found if p.is_file()), None)

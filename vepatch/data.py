@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +24,17 @@ DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 class Sample:
     source: str  # file path, or '<dataset dir>#<row>' for `datasets` rows
     label: int  # index into the set's classnames
+
+
+ROW_RE = re.compile(r"(.+)#(\d+)")
+
+
+def dataset_row(source: str) -> tuple[str, int] | None:
+    """(dataset folder, row) of a '<dataset dir>#<row>' source; None for a file. A '#' may
+    stand anywhere in a file's path ('IMG#0001.png', a workspace 'ws#1'): an image file's name
+    ends with its suffix (IMAGE_SUFFIXES), never with '#<digits>'."""
+    m = ROW_RE.fullmatch(source)
+    return (m.group(1), int(m.group(2))) if m else None
 
 
 @dataclass
@@ -51,9 +63,9 @@ class ImageSet:
         )
 
     def load(self, sample: Sample) -> Image.Image:
-        if self.dataset is not None and "#" in sample.source:
-            row = int(sample.source.rsplit("#", 1)[1])
-            return to_rgb(self.dataset[row][self.image_column])
+        row = dataset_row(sample.source) if self.dataset is not None else None
+        if row is not None:
+            return to_rgb(self.dataset[row[1]][self.image_column])
         return read_image(Path(sample.source))
 
     def state_hash(self) -> str:
@@ -61,8 +73,9 @@ class ImageSet:
         when any image of the set is replaced, added or removed (a saved dataset counts as the
         files of its folder)."""
         digest = hashlib.sha256(self.content_hash().encode())
-        files = [Path(s.source) for s in self.samples if "#" not in s.source]
-        roots = sorted({s.source.rsplit("#", 1)[0] for s in self.samples if "#" in s.source})
+        rows = [dataset_row(s.source) for s in self.samples]
+        files = [Path(s.source) for s, row in zip(self.samples, rows) if row is None]
+        roots = sorted({row[0] for row in rows if row is not None})
         files += [f for r in roots for f in sorted(Path(r).iterdir()) if f.is_file()]
         for f in files:
             st = f.stat()
@@ -261,8 +274,9 @@ def open_holdout(ref: HoldoutRef, workspace_root: Path) -> ImageSet:
     """The images a manifest recorded as its target holdout (image files, or rows of a saved
     dataset: 'root#index'); relative sources lie in the workspace (Workspace.portable)."""
     sources = [str(workspace_root / s) for s in ref.sources]  # an absolute source stays as it is
-    if sources and "#" in sources[0]:
-        root = sources[0].rsplit("#", 1)[0]
+    row = dataset_row(sources[0]) if sources else None
+    if row is not None:
+        root = row[0]
         full = open_image_set(Path(root), ref.classnames, name=ref.name)
         by_source = {s.source: i for i, s in enumerate(full.samples)}
         return full.subset([by_source[s] for s in sources], ref.name)

@@ -23,7 +23,6 @@ load the same way.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Optional
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import StoreError
+from .fsio import sha256_bytes, sha256_file  # noqa: F401  (where callers have always found them)
 
 KINDS = ("sparse.index", "sparse.bits", "sparse.value", "lowrank.up", "lowrank.down", "lowrank.rows", "dense",
          "prompt.ids", "prompt.text", "vprompt.tokens", "weights.text")
@@ -228,18 +228,6 @@ def restore(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for name, value in originals.items():
         params[name].copy_(value)
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def patched_fingerprint(model: nn.Module, delta: Delta, strength: float = 1.0) -> str:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import StoreError
 
@@ -62,7 +61,7 @@ class Evidence:
 
 
 def to_bytes(proof: Evidence) -> bytes:
-    from safetensors.torch import save
+    from safetensors.numpy import save
 
     suites = proof.suites
 
@@ -70,7 +69,7 @@ def to_bytes(proof: Evidence) -> bytes:
     for k, s in enumerate(suites):
         for field in ("labels", "before", "after"):
             dtype = np.float32 if s.scores and field != "labels" else np.int16
-            tensors[f"{k}.{field}"] = torch.from_numpy(np.asarray(getattr(s, field), dtype=dtype).copy())
+            tensors[f"{k}.{field}"] = np.ascontiguousarray(np.asarray(getattr(s, field), dtype=dtype))
         index.append({"name": s.name, "role": s.role, "classnames": s.classnames, "sources": s.sources, "kind": s.kind})
     return save(tensors, metadata={"suites": json.dumps(index), "strength": repr(float(proof.strength))})
 
@@ -82,13 +81,13 @@ def read(path: Path) -> Evidence:
     if not path.is_file():
         raise StoreError(f"{path}: no per-example evidence", "verdicts older than per-example evidence have none; judge a new candidate")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             meta_all = f.metadata()
             index = json.loads(meta_all["suites"])
             out = []
             for k, meta in enumerate(index):
                 kind = meta.get("kind", "labels")  # evidence written before captioning suites has none
-                arrays = {field: f.get_tensor(f"{k}.{field}").numpy().astype(
+                arrays = {field: f.get_tensor(f"{k}.{field}").astype(
                     np.float64 if kind == "scores" and field != "labels" else np.int64) for field in ("labels", "before", "after")}
                 out.append(SuiteEvidence(meta["name"], meta["role"], list(meta["classnames"]), list(meta["sources"]),
                                          **arrays, kind=kind))

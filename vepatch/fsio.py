@@ -3,6 +3,7 @@ A reader sees the old file or the new one, never half of one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -88,3 +89,15 @@ def _os_error(path: Path, exc: OSError) -> VepatchError:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return VepatchError(f"{path}: permission denied, nothing was changed", "check the folder's owner and mode")
     return VepatchError(f"{path}: {exc.strerror or exc}", "check the disk and the path")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

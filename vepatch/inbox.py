@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -27,8 +27,8 @@ from . import clock
 from .context import Context
 from .data import ImageSet, Sample, class_of_folder, open_image_set
 from .images import IMAGE_SUFFIXES, BadImage, read_image
-from .errors import UsageError
-from .fsio import append_line, read_lines
+from .errors import DataError, UsageError
+from .fsio import append_line, read_lines, write_bytes_atomic
 from .workspace import Workspace
 
 
@@ -51,6 +51,7 @@ class Scan:
     new: list[InboxFile]
     duplicates: list[InboxFile]  # seen in an earlier cycle (or twice tonight)
     bad: list[tuple[Path, str]]  # (file or folder, why it cannot be used)
+    settling: list[Path] = field(default_factory=list)  # still being written (cycle.settle_s): left for the next run
 
 
 def file_sha256(path: Path) -> str:
@@ -70,12 +71,20 @@ def inbox_dir(ctx: Context) -> Path:
     return inbox
 
 
-def scan_inbox(ctx: Context) -> Scan:
+def inbox_folders(ctx: Context) -> dict[str, str]:
+    """Inbox folder -> class, where a folder is not named after its class: shot_pool.folders."""
+    return dict(ctx.recipe.shot_pool.folders) if ctx.recipe.shot_pool else {}
+
+
+def scan_inbox(ctx: Context, now: Optional[float] = None) -> Scan:
+    """What the inbox holds now (`now`: the clock the settle time is measured on, seconds
+    since the epoch; tests pass their own)."""
     inbox = inbox_dir(ctx)
     if not inbox.is_dir():
         return Scan([], [], [])
+    settle_s, now = ctx.recipe.cycle.settle_s, time.time() if now is None else now
     root, seen, batch = ctx.workspace.root, seen_hashes(ctx.workspace), set()
-    new, dup, bad = [], [], []
+    new, dup, bad, settling = [], [], [], []
     for entry in sorted(inbox.iterdir()):
         if entry.name.startswith("."):
             continue
@@ -83,34 +92,72 @@ def scan_inbox(ctx: Context) -> Scan:
             bad.append((entry, "a link leading outside the inbox"))
         elif not entry.is_dir():
             bad.append((entry, "not inside a class folder (drop images into inbox/<class>/)"))
-        elif class_of_folder(entry.name, ctx.recipe.classes, ctx.recipe.shot_pool.folders if ctx.recipe.shot_pool else {}) is None:
+        elif class_of_folder(entry.name, ctx.recipe.classes, inbox_folders(ctx)) is None:
             bad.append((entry, f"unknown class '{entry.name}' (known: {', '.join(ctx.recipe.classes)})"))
         else:
             for f in sorted(entry.rglob("*")):
                 if f.name.startswith(".") or (f.is_dir() and not f.is_symlink()):
                     continue
-                why = _unusable(f, entry, inbox)
-                if why:
-                    bad.append((f, why))
-                    continue
-                item = InboxFile(str(f.relative_to(root)), file_sha256(f), entry.name)
-                (dup if item.sha256 in seen or item.sha256 in batch else new).append(item)
-                batch.add(item.sha256)
-    return Scan(new, dup, bad)
+                why = _misplaced(f, entry, inbox)
+                read = Read(why=why) if why else settled_read(f, now, settle_s)
+                if read is None:
+                    settling.append(f)
+                elif read.why:
+                    bad.append((f, read.why))
+                else:
+                    item = InboxFile(str(f.relative_to(root)), read.sha256, entry.name)
+                    (dup if item.sha256 in seen or item.sha256 in batch else new).append(item)
+                    batch.add(item.sha256)
+    return Scan(new, dup, bad, settling)
 
 
-def _unusable(f: Path, class_dir: Path, inbox: Path) -> str:
+def _misplaced(f: Path, class_dir: Path, inbox: Path) -> str:
+    """Why `f` is no drop whatever its bytes ('' if it may be one)."""
     if f.is_symlink() and not f.resolve().is_relative_to(inbox.resolve()):
         return "a link leading outside the inbox"
     if f.parent != class_dir:
         return f"in a sub-folder of '{class_dir.name}' (drop images directly into inbox/<class>/)"
     if f.suffix.lower() not in IMAGE_SUFFIXES:
         return f"not an image file ('{f.suffix or f.name}')"
+    return ""
+
+
+@dataclass(frozen=True)
+class Read:
+    """What the scan found a file to be, once it stood still."""
+
+    sha256: str = ""  # its content ('' when it is no usable image)
+    why: str = ""  # why it is no usable image ('' when it is one)
+
+
+def settled_read(f: Path, now: float, settle_s: float) -> Optional[Read]:
+    """The content hash, or why it is no readable image, of a file that stands still; None while it
+    may still be written: its size or mtime changed less than `settle_s` before `now`, or
+    while it was read. An mtime in the future (a copy that kept its source's times, a skewed
+    clock) counts as settled: a copier sets such times only once the bytes are written."""
+    before = _size_mtime(f)
+    if before is None:  # gone since it was listed (moved away), or a link to nothing
+        return Read(why="a link to a file that is not there") if f.is_symlink() else None
+    if 0 <= now - before[1] / 1e9 < settle_s:
+        return None
     try:
         read_image(f)
+        why = ""
     except BadImage as exc:
-        return str(exc)
-    return ""
+        why = str(exc)
+    try:
+        sha = file_sha256(f) if not why else ""
+    except OSError:  # moved away while read
+        return None
+    return None if _size_mtime(f) != before else Read(sha, why)
+
+
+def _size_mtime(f: Path) -> Optional[tuple[int, int]]:
+    try:
+        st = f.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def quarantine(ws: Workspace, bad: list[tuple[Path, str]], note: str = "") -> list[Quarantined]:
@@ -148,14 +195,27 @@ def split_holdout(files: list[InboxFile], share: float, seed: int) -> tuple[list
     return train, holdout
 
 
-def stage(ws: Workspace, cycle_id: str, root: Path, train: list[InboxFile], holdout: list[InboxFile]) -> None:
-    """Copy the new images (named by hash) into the cycle's own train/ and holdout/ folders."""
+def stage(ws: Workspace, cycle_id: str, root: Path, train: list[InboxFile], holdout: list[InboxFile],
+          classes: list[str], folders: dict[str, str]) -> None:
+    """Copy the new images (named by hash) into the cycle's own train/ and holdout/ folders,
+    one per class, named after the class (an inbox folder mapped by shot_pool.folders, e.g.
+    inbox/local/, is staged under its class: every later reader finds it without the map)."""
     for folder, files in ((ws.cycle_train(cycle_id), train), (ws.cycle_holdout(cycle_id), holdout)):
         for f in files:
             src = root / f.source
-            target = folder / f.label / (f.sha256[:16] + src.suffix.lower())
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, target)
+            target = folder / class_folder(f.label, classes, folders) / (f.sha256[:16] + src.suffix.lower())
+            data = src.read_bytes()
+            if hashlib.sha256(data).hexdigest() != f.sha256:  # replaced in the moment since the scan
+                raise DataError(f"{src}: changed since the inbox was scanned", "run `vepatch cycle` again: it scans anew")
+            write_bytes_atomic(target, data)
+
+
+def class_folder(folder: str, classes: list[str], folders: dict[str, str]) -> str:
+    """The staged folder name of inbox folder `folder`: its class's name, '_' for a space."""
+    label = class_of_folder(folder, classes, folders)
+    if label is None:  # the scan let it through, so the recipe changed since
+        raise UsageError(f"inbox/{folder}: unknown class", f"known: {', '.join(classes)}; map it in shot_pool.folders")
+    return classes[label].replace(" ", "_")
 
 
 def labelled_pool(ctx: Context, usable_cycles: list[str], held_out: set[str]) -> Optional[ImageSet]:
@@ -164,7 +224,7 @@ def labelled_pool(ctx: Context, usable_cycles: list[str], held_out: set[str]) ->
     one set with the recipe's classes; None when there is none."""
     recipe, ws = ctx.recipe, ctx.workspace
     classes = list(recipe.classes)
-    samples = [x for cycle_id in usable_cycles for x in staged_samples(ws.cycle_train(cycle_id), classes)]
+    samples = [x for cycle_id in usable_cycles for x in staged_samples(ws.cycle_train(cycle_id), classes, inbox_folders(ctx))]
     if recipe.shot_pool is not None:
         spec = recipe.shot_pool
         pool = open_image_set(ctx.resolve(spec.path), classes, spec.folders, spec.name or "pool", spec.max_per_class, recipe.seed)
@@ -176,10 +236,12 @@ def labelled_pool(ctx: Context, usable_cycles: list[str], held_out: set[str]) ->
     return ImageSet("labelled", str(ws.cycles), classes, samples) if samples else None
 
 
-def staged_samples(folder: Path, classes: list[str]) -> list[Sample]:
-    """The images a cycle staged in `folder` (<class>/<hash>.<ext>), labelled by their folder."""
+def staged_samples(folder: Path, classes: list[str], folders: Optional[dict[str, str]] = None) -> list[Sample]:
+    """The images a cycle staged in `folder` (<class>/<hash>.<ext>), labelled by their folder
+    (`folders`: shot_pool.folders, for cycles that staged a mapped inbox folder under its own name)."""
     samples = []
     for d in sorted(folder.iterdir()) if folder.is_dir() else []:
-        label = class_of_folder(d.name, classes)
-        samples += [Sample(str(f), label) for f in sorted(d.iterdir()) if label is not None and f.is_file()]
+        label = class_of_folder(d.name, classes, folders)
+        samples += [Sample(str(f), label) for f in sorted(d.iterdir())
+                    if label is not None and f.is_file() and not f.name.startswith(".")]  # '.': a write a crash cut short
     return samples

@@ -146,6 +146,11 @@ class GuardSpec:
 class CycleSpec:
     holdout_share: float = ranged(0.3, lo=0, hi=1, lo_open=True, hi_open=True)  # of each class's new images, set aside as tonight's target holdout (never trained on)
     max_same_failure: int = ranged(2, lo=1)  # a cycle failing this many times in a row with the same error is set aside
+    # a drop whose size or mtime changed less than this many seconds before the scan (or while
+    # it was read) is still being copied: it waits in the inbox for the next run, never
+    # quarantined. Two minutes: far longer than a copy of one image takes, and only the drops
+    # of a night's last two minutes wait a night (`vepatch cycle --settle 0` for a drop you know is complete)
+    settle_s: float = ranged(120.0, lo=0)
 
 
 @dataclass(frozen=True)

@@ -185,6 +185,7 @@ class PatchManifest:
     train_files: list[str] = field(default_factory=list)  # the images trained on (holdout.sources: held out)
     cycle: str = ""  # the cycle that trained it ('' for `vepatch apply`)
     origin: Literal["apply", "cycle", "bench"] = "apply"  # who made it; `guard` with no argument judges only 'apply' ones
+    diagnosis_note: str = ""  # why the newest diagnosis was passed over, in one line ('' if it was used, or none was there)
     schema_version: int = SCHEMA_VERSION
 
 

@@ -174,7 +174,7 @@ def measure(loaded: LoadedModel, model_name: str, method: str, batch_size: int, 
         masks = build_masks({n: torch.empty(params[n].shape, device="meta") for n in targets},
                             dataclasses.replace(tower, qkv=[n for n in tower.qkv if n in targets]),
                             budget.fc1_fraction, budget.heads_per_layer, "random")
-    trainable = chosen.build(model.visual, tower, masks, spec)
+    trainable = chosen.make(model.visual, tower, masks, spec)
     trainable.visual.to(device)
     optimizer = torch.optim.Adam(trainable.params, lr=1e-4)
     objective = Objective(head, scale)

@@ -15,16 +15,17 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .delta import Delta, apply_delta, sha256_bytes, sha256_file
 from .errors import NothingToDo, StoreError, UsageError
-from .fsio import fsync_dir, write_bytes_atomic, write_text_atomic
-from .models import LoadedModel
-from .models.load import model_fingerprint
-from .prompts import detach as detach_prompts
-from .visual_prompts import load_pristine
+from .faults import fault_point
+from .fsio import fsync_dir, sha256_bytes, sha256_file, write_bytes_atomic, write_text_atomic
 from .records import GuardReport, PatchManifest, VersionSummary, read_record, to_json
 from .workspace import CANDIDATE_FILE, DELTA_FILE, EVIDENCE_FILE, GUARD_FILE, MANIFEST_FILE, PATCH_FILE, Workspace
+
+if TYPE_CHECKING:  # torch comes in with the first delta or model: `log` and `show` answer without it
+    from .delta import Delta
+    from .models import LoadedModel
 
 VERSION_RE = re.compile(r"^v(\d+)$")
 
@@ -109,16 +110,49 @@ def read_manifest(ws: Workspace, version: str) -> PatchManifest:
 
 def load_delta(path: Path, expected_sha256: str) -> Delta:
     """Read a delta only if its bytes are the ones the manifest recorded."""
+    from .delta import Delta
+
+    check_sha256(path, expected_sha256)
+    return Delta.from_file(path)
+
+
+def check_sha256(path: Path, expected_sha256: str) -> None:
+    """A StoreError unless `path` holds the bytes a manifest recorded."""
     if not path.is_file():
         raise StoreError(f"{path}: missing", "roll back to a version that verifies")
-    actual = sha256_file(path)
-    if actual != expected_sha256:
+    if sha256_file(path) != expected_sha256:
         raise StoreError(f"{path}: sha256 mismatch (tampered or corrupt)", "it is refused; roll back to a version that verifies")
-    return Delta.from_file(path)
+
+
+def delta_entries(path: Path, expected_sha256: str) -> list[str]:
+    """The entry names of a delta whose bytes are the recorded ones, read from the safetensors
+    header alone (no tensor, no torch: what `vepatch show` needs to know what a patch holds)."""
+    import json
+    import struct
+
+    check_sha256(path, expected_sha256)
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error):
+        raise StoreError(f"{path}: not a valid safetensors delta", "it is refused; roll back to a version that verifies") from None
+    return sorted(k for k in header if k != "__metadata__")
+
+
+def holds_prompts(entries: list[str]) -> bool:
+    """Whether a delta with these entries is (or holds) a prompt patch: learned prompt vectors,
+    description weights or a visual prompt (delta.py's kinds; DCAR's border is a dense entry of
+    the tower's visual prompt bank, visual_prompts.BANK)."""
+    kinds = ("prompt.ids", "prompt.text", "weights.text", "vprompt.tokens")
+    return any(e.partition("#")[2] in kinds or ".vepatch_visual_prompts." in e for e in entries)
 
 
 def apply_version(ws: Workspace, loaded: LoadedModel, version: str) -> LoadedModel:
     """Apply base -> version to `loaded` (which must be the base), checking every fingerprint."""
+    from .delta import apply_delta
+    from .models.load import model_fingerprint
+
     for v in chain(ws, version):
         manifest = read_manifest(ws, v)
         folder = version_dir(ws, v)
@@ -190,7 +224,9 @@ def check_unjudged(ws: Workspace, candidate_id: str) -> None:
     """A candidate's verdict is written once: judging it again is an error naming its fate."""
     version = version_of(ws, candidate_id)
     if version:
-        raise UsageError(f"candidate {candidate_id} is already {version}", f"`vepatch show {version}` shows its verdict")
+        current = "" if head(ws) != read_manifest(ws, version).parent else \
+            f"; HEAD is still its parent (--no-promote, or a crash before HEAD moved): `vepatch rollback {version}` makes it current"
+        raise UsageError(f"candidate {candidate_id} is already {version}", f"`vepatch show {version}` shows its verdict{current}")
     verdict = read_candidate_verdict(ws, candidate_id)
     if verdict is not None:
         raise UsageError(f"candidate {candidate_id} was judged already ({'accepted' if verdict.accepted else 'refused'})",
@@ -203,11 +239,15 @@ def candidates(ws: Workspace) -> list[str]:
 
 
 def read_candidate(ws: Workspace, candidate_id: str) -> tuple[PatchManifest, Delta]:
+    manifest = read_candidate_manifest(ws, candidate_id)
+    return manifest, load_delta(ws.candidate_dir(candidate_id) / DELTA_FILE, manifest.patch_sha256)
+
+
+def read_candidate_manifest(ws: Workspace, candidate_id: str) -> PatchManifest:
     folder = ws.candidate_dir(candidate_id)
     if not (folder / CANDIDATE_FILE).is_file():
         raise UsageError(f"no candidate '{candidate_id}'", f"known: {', '.join(candidates(ws)) or '(none)'}")
-    manifest = read_record(PatchManifest, folder / CANDIDATE_FILE)
-    return manifest, load_delta(folder / DELTA_FILE, manifest.patch_sha256)
+    return read_record(PatchManifest, folder / CANDIDATE_FILE)
 
 
 # --- versions -----------------------------------------------------------------------------
@@ -231,9 +271,19 @@ def write_version(ws: Workspace, manifest: PatchManifest, delta: Delta, report: 
     write_text_atomic(staging / MANIFEST_FILE, to_json(manifest))  # last: marks the folder complete
     os.replace(staging, folder)
     fsync_dir(ws.patches)
+    fault_point("before-head")  # a crash here leaves vN complete and HEAD on its parent: see finish_promotion
     if make_current:
         set_head(ws, version)
     return version
+
+
+def finish_promotion(ws: Workspace, version: str) -> bool:
+    """Move HEAD to `version` when it still names the version's parent: what a process killed
+    between writing vN and moving HEAD left undone. Returns whether HEAD moved."""
+    if head(ws) != read_manifest(ws, version).parent:
+        return False  # HEAD moved on since (a rollback, a later version): leave it
+    set_head(ws, version)
+    return True
 
 
 # --- verify -------------------------------------------------------------------------------
@@ -253,6 +303,10 @@ def verify(ws: Workspace, base: LoadedModel) -> list[str]:
 def bad_versions(ws: Workspace, base: LoadedModel) -> dict[str, str]:
     """Version -> why it does not verify (its files, its fingerprints, its verdict)."""
     import copy
+
+    from .models.load import model_fingerprint
+    from .prompts import detach as detach_prompts
+    from .visual_prompts import load_pristine
 
     bad = {}
     pristine = copy.deepcopy(base.model.visual.state_dict())

@@ -7,6 +7,7 @@ round on every round's holdout so far and on every guard suite.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,9 @@ def run_stream_round(ctx: Context, round_dir: Path, cycles: dict[str, str]) -> S
             target = inbox / f.parent.name / f"{round_dir.name}-{part}-{f.name}"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, target)
-    fresh = Context(ctx.workspace, ctx.recipe, ctx.device)  # versions change between rounds
+    # versions change between rounds; the round's files were copied whole just now: none waits to settle
+    recipe = dataclasses.replace(ctx.recipe, cycle=dataclasses.replace(ctx.recipe.cycle, settle_s=0.0))
+    fresh = Context(ctx.workspace, recipe, ctx.device)
     try:
         report = run_cycle(fresh)
         status, cycle_id = report.status, report.cycle_id

@@ -18,6 +18,7 @@ def cycle(
     wait: Annotated[float, typer.Option("--wait", help="Wait up to SECONDS for the workspace lock (default: exit 5 at once).")] = 0.0,
     stream: Annotated[Optional[Path], typer.Option("--stream", help="Measure: drop each round of STREAM/<round>/{pool,errors}/ into the inbox, one cycle per round.")] = None,
     abandon: Annotated[bool, typer.Option("--abandon", help="Set the unfinished cycle aside: its new images go to quarantine/.")] = False,
+    settle: Annotated[Optional[float], typer.Option("--settle", help="A drop written less than SECONDS ago waits for the next run (default: the recipe's cycle.settle_s; 0 for a drop you know is complete).")] = None,
     workspace: WorkspaceOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
@@ -36,6 +37,10 @@ def cycle(
     from .render import cycle_report, stream_table
 
     ctx = context.open_context(workspace, device=device)
+    if settle is not None:
+        from ..recipe import with_overrides
+
+        ctx = context.Context(ctx.workspace, with_overrides(ctx.recipe, {"cycle.settle_s": settle}), ctx.device)
     if stream is not None:
         def say(r):
             if not as_json:

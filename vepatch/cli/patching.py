@@ -79,13 +79,17 @@ def apply(
 
     Example: vepatch apply --shots 16
     """
+    from ..recipe import with_overrides
+    from ..workspace import find_workspace
+
+    flags = {"apply.shots": shots, "apply.method": method, "apply.epochs": epochs, "apply.lr": lr, "seed": seed,
+             "apply.loss": loss}
+    with_overrides(find_workspace(workspace).recipe(), flags)  # a bad flag answers before torch and the model load
     from .. import context
     from ..apply import plan_from_pool, run_apply
-    from ..recipe import with_overrides
 
     ctx = context.open_context(workspace, device=device)
-    recipe = with_overrides(ctx.recipe, {"apply.shots": shots, "apply.method": method, "apply.epochs": epochs,
-                                         "apply.lr": lr, "seed": seed, "apply.loss": loss})
+    recipe = with_overrides(ctx.recipe, flags)
     with progress_bar("training") as advance:
         manifest = run_apply(ctx, recipe, plan_from_pool(ctx, recipe, from_dir), diagnosis, advance, origin)
     if as_json:
@@ -95,6 +99,8 @@ def apply(
     out.print(f"candidate {manifest.candidate_id}: {manifest.method} on {manifest.parent}, "
               f"{manifest.trainable_params:,} trainable numbers, {manifest.patch_bytes:,} bytes, "
               f"{m.apply_seconds:.1f}s, peak {m.peak_memory_mb:.0f} MB")
+    if manifest.diagnosis_note:
+        out.print(f"note: {manifest.diagnosis_note}", markup=False, soft_wrap=True)
     out.print("next: vepatch guard")
 
 

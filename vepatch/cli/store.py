@@ -52,25 +52,39 @@ def show(
     if version == "base":
         raise UsageError("'base' is the model itself, not a patch: it changed nothing",
                          "`vepatch log` lists the versions; `vepatch eval DATA --version base` measures the base")
-    delta = None
+    entries, path = None, None
     if store.VERSION_RE.match(version):
         folder = store.version_dir(ws, version)
-        manifest = store.read_manifest(ws, version)
+        manifest, path = store.read_manifest(ws, version), folder / store.PATCH_FILE
         try:  # its own bytes; `vepatch verify` checks whole chains
-            delta = store.load_delta(folder / store.PATCH_FILE, manifest.patch_sha256)
+            entries = store.delta_entries(path, manifest.patch_sha256)
         except store.StoreError as exc:
             err.print(f"warning: {version} does not verify: {exc}", markup=False, highlight=False)
     else:
         folder = ws.candidate_dir(version)
-        manifest, delta = store.read_candidate(ws, version)
+        manifest = store.read_candidate_manifest(ws, version)
+        path = folder / store.DELTA_FILE
+        entries = store.delta_entries(path, manifest.patch_sha256)
     report = read_record(GuardReport, folder / store.GUARD_FILE) if (folder / store.GUARD_FILE).is_file() else None
     if as_json:
         emit_json({"manifest": manifest, "guard": report})
         return
+    for table in show_tables(manifest, report, _prompt_rows(path, manifest, entries)):
+        out.print(table)
+
+
+def _prompt_rows(path: Path, manifest, entries: Optional[list[str]]) -> Optional[dict[str, str]]:
+    """A prompt patch's rows in words (loading its tensors); {} for a weight patch, whose
+    entry names say all `show` needs (no torch to import); None when it does not verify."""
+    from .. import store
+
+    if entries is None:
+        return None
+    if not store.holds_prompts(entries):
+        return {}
     from ..prompts import describe
 
-    for table in show_tables(manifest, report, describe(delta.tensors) if delta is not None else None):
-        out.print(table)
+    return describe(store.load_delta(path, manifest.patch_sha256).tensors)
 
 
 @command

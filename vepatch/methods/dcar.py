@@ -19,10 +19,12 @@ abstract and method description, and where those are silent the choices are vepa
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from .method import Method
+
+if TYPE_CHECKING:  # torch is imported where it is used: the registry (and so the CLI) loads without it
+    import torch
 
 
 def prompt(tokens, width, spec, loaded):
@@ -34,6 +36,8 @@ def prompt(tokens, width, spec, loaded):
 def negative_weights(head: torch.Tensor) -> torch.Tensor:
     """(classes, classes) log-weights added to negative logits: log(1 + max(0, cos(c, c'))),
     0 on the diagonal (the true class is never re-weighted)."""
+    import torch
+
     sim = (head @ head.T).clamp(min=0)
     return torch.log1p(sim).fill_diagonal_(0.0)
 
@@ -41,6 +45,9 @@ def negative_weights(head: torch.Tensor) -> torch.Tensor:
 def dcar_loss(features: torch.Tensor, head: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor,
               log_weights: torch.Tensor) -> torch.Tensor:
     """Mean of the category-weighted image->text cross-entropy and the text->image one."""
+    import torch
+    import torch.nn.functional as F
+
     logits = scale * F.normalize(features.float(), dim=-1) @ head.T
     i2t = F.cross_entropy(logits + log_weights[labels], labels)
     present = torch.unique(labels)
@@ -55,18 +62,25 @@ class DescriptionMatch:
     template's embedding of the class, over one epoch (the attribute-level signal)."""
 
     def __init__(self, classes: int, templates: int, device):
+        import torch
+
         self.sums = torch.zeros(classes, templates, device=device)
         self.counts = torch.zeros(classes, 1, device=device)
 
-    @torch.no_grad()
     def add(self, features: torch.Tensor, per_template: torch.Tensor, labels: torch.Tensor) -> None:
         """features (batch, dim); per_template (templates, classes, dim), both normalized."""
-        sims = torch.einsum("bd,tbd->bt", F.normalize(features.float(), dim=-1), per_template.float()[:, labels])
-        self.sums.index_add_(0, labels, sims)
-        self.counts.index_add_(0, labels, torch.ones(len(labels), 1, device=labels.device))
+        import torch
+        import torch.nn.functional as F
+
+        with torch.no_grad():
+            sims = torch.einsum("bd,tbd->bt", F.normalize(features.float(), dim=-1), per_template.float()[:, labels])
+            self.sums.index_add_(0, labels, sims)
+            self.counts.index_add_(0, labels, torch.ones(len(labels), 1, device=labels.device))
 
     def weights(self, scale: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """Softmax over templates of the mean similarity (classes with no image keep theirs)."""
+        import torch
+
         seen = self.counts.squeeze(1) > 0
         out = previous.clone()
         out[seen] = torch.softmax(scale * self.sums[seen] / self.counts[seen], dim=1)

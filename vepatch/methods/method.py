@@ -38,6 +38,10 @@ class Method:
     vision_prompt: bool = False  # a prompt method that also learns a visual prompt (DCAR's dual prompts)
     reweight: bool = False  # DCAR's category-attribute reweighting (methods/dcar.py)
 
+    def make(self, visual: "nn.Module", tower: "Tower", masks: Optional["Masks"], spec: "ApplySpec") -> "Trainable":
+        """`build`, with the starting point recorded so that `Trainable.reset` returns to it."""
+        return self.build(visual, tower, masks, spec).snapshot()
+
     @property
     def needs_masks(self) -> bool:
         return self.masks != "none"

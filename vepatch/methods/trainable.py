@@ -49,6 +49,7 @@ class Trainable:
     extract_extra: Optional[Callable[[], Delta]] = None  # methods with their own delta (peft)
     summary: dict[str, int] = field(default_factory=dict)  # param -> entries allowed to change
     keep: float = 1.0  # share of the trained change the delta keeps (apply.wise_alpha for full+wise)
+    start: dict[str, torch.Tensor] = field(default_factory=dict)  # tower name -> initial value of every other trained tensor (LoRA factors)
 
     @classmethod
     def frozen(cls, visual: nn.Module) -> "Trainable":
@@ -91,16 +92,25 @@ class Trainable:
         self.summary[full_name] = rank * (allowed + cols)
 
     @torch.no_grad()
+    def snapshot(self) -> "Trainable":
+        """Record where training starts: every trained tensor that is not a masked parent
+        weight (those keep their parent's value beside them), i.e. the low-rank factors with
+        their random `down` / `lora_A` initializations. Method.make calls it after building."""
+        masked = {id(p) for p, _, _ in self.masked.values()}
+        names = {id(p): n for n, p in self.visual.named_parameters()}
+        self.start = {names[id(p)]: p.detach().clone() for p in self.params if id(p) not in masked}
+        return self
+
+    @torch.no_grad()
     def reset(self) -> None:
-        """Back to the parent: masked params restored, low-rank `up` factors zeroed (peft's
-        B factors likewise), so a retry starts where the first attempt did."""
+        """Back to where training started: masked params restored to the parent, every other
+        trained tensor (both LoRA factors, vepatch's and peft's) to its snapshot, so a retry
+        with the same seed trains the same patch."""
         for p, original, _ in self.masked.values():
             p.copy_(original)
-        for change in self.lowrank.values():
-            change.up.zero_()
-        for name, p in self.visual.named_parameters():
-            if "lora_B" in name:
-                p.zero_()
+        now = dict(self.visual.named_parameters())
+        for name, value in self.start.items():
+            now[name].copy_(value)
 
     @torch.no_grad()
     def after_step(self) -> None:

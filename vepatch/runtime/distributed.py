@@ -10,12 +10,18 @@ Without torchrun's environment nothing here does anything.
 from __future__ import annotations
 
 import os
+import sys
 from typing import TypeVar
 
-import torch
-import torch.distributed as dist
-
 T = TypeVar("T")
+
+
+def _dist():
+    """torch.distributed, imported on first use: a command that never touches torch (`vepatch
+    log`, `--help`) must not pay for importing it."""
+    import torch.distributed as dist
+
+    return dist
 
 
 def launched() -> bool:
@@ -26,8 +32,11 @@ def launched() -> bool:
 def init_from_env(device: str) -> str:
     """Join the process group torchrun describes; returns this rank's device ('cuda:<local
     rank>' on GPUs, else `device`). A no-op without torchrun."""
-    if not launched() or dist.is_initialized():
+    if not launched() or _dist().is_initialized():
         return device
+    import torch
+
+    dist = _dist()
     if device.startswith("cuda") and torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -38,13 +47,16 @@ def init_from_env(device: str) -> str:
 
 
 def active() -> bool:
+    if "torch.distributed" not in sys.modules:  # never imported: no group can have been joined
+        return False
+    dist = _dist()
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
     """This process's rank: the group's once joined, torchrun's RANK before that, else 0."""
     if active():
-        return dist.get_rank()
+        return _dist().get_rank()
     return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
@@ -54,20 +66,20 @@ def is_writer() -> bool:
 
 
 def world_size() -> int:
-    return dist.get_world_size() if active() else 1
+    return _dist().get_world_size() if active() else 1
 
 
 def my_share(n: int) -> range:
     """The batch indices this rank runs out of n."""
-    return range(dist.get_rank(), n, dist.get_world_size()) if active() else range(n)
+    return range(_dist().get_rank(), n, _dist().get_world_size()) if active() else range(n)
 
 
 def _everyone(obj) -> list:
     """`obj` from every rank, in rank order (just [obj] outside a group)."""
     if not active():
         return [obj]
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, obj)
+    parts: list = [None] * _dist().get_world_size()
+    _dist().all_gather_object(parts, obj)
     return parts
 
 
@@ -85,6 +97,9 @@ def shutdown() -> None:
     """Leave the group together: rank 0 still writes the store after the last collective, and a
     rank that tore its gloo pairs down meanwhile could abort the other (SIGABRT, seen on a
     loaded machine), so every rank waits at a barrier first."""
+    if "torch.distributed" not in sys.modules:
+        return
+    dist = _dist()
     if dist.is_available() and dist.is_initialized():
         if active():
             dist.barrier()
