@@ -217,3 +217,16 @@ def test_every_bound_is_finite_and_in_range():
         c = bounds.Discordant(n, lost, gained)
         lo, up = bounds.drop_lower(c, 0.05), bounds.drop_upper(c, 0.05)
         assert -1.0 <= lo <= c.drop <= up <= 1.0 and math.isfinite(lo) and math.isfinite(up)
+
+
+def test_an_accepted_verdict_names_the_suites_it_could_not_certify():
+    from vepatch.cli.render import verdict_lines
+    from vepatch.records import GuardReport
+
+    small = verdict(200, lost=1, gained=0)  # passes, uncertified
+    trial = StrengthResult(1.0, [small], 0.0, True, "all checks pass")
+    report = GuardReport("c", "base", "fp", True, 1.0, [trial], "accepted at strength 1.0", {}, "now", version="v1")
+    assert "g uncertified" in verdict_lines(report)[0].plain
+    certified = StrengthResult(1.0, [verdict(1000, lost=1, gained=1)], 0.0, True, "all checks pass")
+    assert verdict_lines(GuardReport("c", "base", "fp", True, 1.0, [certified], "", {}, "now", version="v1"))[0].plain \
+        .endswith("guards kept")

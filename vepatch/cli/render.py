@@ -165,7 +165,9 @@ def verdict_lines(report) -> list:
     target = next((s for s in chosen.suites if s.role == "target"), None) if chosen else None
     if report.accepted:
         gain = f"{target.name} {pct(target.before)} → {pct(target.after)}" if target else ""
-        head = Text.assemble(("ACCEPTED", "bold green"), f" as {report.version} at λ {report.strength:g}: {gain}, guards kept")
+        loose = [s.name for s in chosen.suites if s.role == "guard" and s.judged and not s.certified]
+        kept = "guards kept" + (f" ({', '.join(loose)} uncertified: too few images to certify the bar)" if loose else "")
+        head = Text.assemble(("ACCEPTED", "bold green"), f" as {report.version} at λ {report.strength:g}: {gain}, {kept}")
         nxt = f"next: vepatch report {report.version} (what it fixed and broke); vepatch rollback undoes it"
     else:
         head = Text.assemble(("REFUSED", "bold red"), f": {report.reason.removeprefix('refused: ')}")
