@@ -495,7 +495,7 @@ def test_a_hash_sign_in_workspace_and_image_paths_guards_as_any_other(make_works
 
     root = make_workspace(vit_bundle, shot_pool=DataSpec(path="pool#1", name="pool"),
                           apply=ApplySpec(shots=6, epochs=1, batch_size=6, augment_scale=1.0),
-                          guard=GuardSpec(suites=[GuardSuite(path="suite#2", name="colours", max_drop_pp=100.0)],
+                          guard=GuardSpec(allow_unguarded=True, suites=[GuardSuite(path="suite#2", name="colours", max_drop_pp=100.0)],
                                           min_target_gain_pp=-100.0, max_mean_drop_pp=100.0, strengths=[1.0],
                                           holdout_max_drop_pp=100.0))
     for folder, n in (("pool#1", 14), ("suite#2", 4)):
@@ -508,7 +508,7 @@ def test_a_hash_sign_in_workspace_and_image_paths_guards_as_any_other(make_works
         result, report = _invoke("guard", "-C", str(hashed), "--json")
         assert result.exit_code == 0 and report["accepted"], result.output
     suites = {s["name"]: s["n"] for s in report["trials"][0]["suites"]}
-    assert suites["colours"] == 12 and suites["v1-holdout"] == 24
+    assert suites["colours"] == 12 and suites["history"] == 24
 
 
 def test_gc_lists_then_removes_refused_promoted_and_bench_candidates_never_a_version(make_workspace, vit_bundle, tmp_path):
