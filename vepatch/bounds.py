@@ -83,11 +83,7 @@ def _solve(lost: float, gained: float, n: float, z: float, lo: float, hi: float)
 
 def drop_upper(c: Discordant, alpha: float) -> float:
     """The one-sided (1 - alpha) upper bound of the drop: it could be as bad as this (a fraction)."""
-    if c.n == 0:
-        return 1.0
-    if alpha >= 0.5 or c.lost == c.n:  # a level of one half or more: the observed drop itself
-        return c.drop if c.lost < c.n else 1.0
-    return _solve(c.lost, c.gained, c.n, -z_of(alpha), c.drop, 1.0)
+    return drop_upper_scaled(c.lost, c.gained, c.n, alpha) if c.n else 1.0
 
 
 def drop_lower(c: Discordant, alpha: float) -> float:
@@ -154,7 +150,8 @@ def images_for(churn: float, drop: float, bar: float, alpha: float) -> float:
 
 
 def drop_upper_scaled(lost: float, gained: float, n: float, alpha: float) -> float:
-    """`drop_upper` for fractional counts (the same churn and drop on another suite size)."""
+    """`drop_upper` for counts that need not be whole (the same churn and drop on another suite
+    size). A level of one half or more gives the observed drop itself."""
     if lost >= n:
         return 1.0
     if alpha >= 0.5:
